@@ -1,0 +1,196 @@
+"""transforms.py alone: attention outputs and cached K/V under every mode (fp32, random configs)."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vllm_kvshield import transforms as T
+
+CONFIGS = {
+    "mha-d64": T.AttentionShape(num_heads=4, num_kv_heads=4, head_dim=64, hidden_size=192),
+    "gqa-d64": T.AttentionShape(num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=144),
+    "gqa-d128": T.AttentionShape(num_heads=8, num_kv_heads=2, head_dim=128, hidden_size=256),
+    "mqa-d128-gptj": T.AttentionShape(num_heads=4, num_kv_heads=1, head_dim=128, hidden_size=128, neox=False),
+}
+
+
+def inv_freq(d: int, scaling: str | None) -> torch.Tensor:
+    """RoPE frequencies, optionally with llama3 or linear scaling (as in vLLM's rotary classes)."""
+    f = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    if scaling == "linear":
+        return f / 4.0
+    if scaling == "llama3":  # factor 8, low 1, high 4, original context 64
+        wavelen = 2 * math.pi / f
+        smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+        mid = (1 - smooth) * f / 8.0 + smooth * f
+        return torch.where(wavelen > 64, f / 8.0, torch.where(wavelen < 16, f, mid))
+    return f
+
+
+def rotary_cache(d: int, positions: int, scaling: str | None) -> torch.Tensor:
+    freqs = torch.arange(positions, dtype=torch.float64)[:, None] * inv_freq(d, scaling)[None]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).float()  # vLLM's [P, d] layout
+
+
+def rope(x: torch.Tensor, cache: torch.Tensor, d: int, neox: bool) -> torch.Tensor:
+    """x: [T, H*d] rotated per position as vLLM's ApplyRotaryEmb does."""
+    t = x.shape[0]
+    x = x.view(t, -1, d)
+    cos, sin = cache[:t].chunk(2, dim=-1)  # [T, d/2]
+    a, b = T.pair_dims(d, neox)
+    xa, xb = x[..., a], x[..., b]
+    out = torch.empty_like(x)
+    out[..., a] = xa * cos[:, None] - xb * sin[:, None]
+    out[..., b] = xb * cos[:, None] + xa * sin[:, None]
+    return out.reshape(t, -1)
+
+
+def attention(x, w, shape, cache, mix=None):
+    """One Llama attention block; returns output and the cached (k, v) as [T, H_kv, d]."""
+    d, g = shape.head_dim, shape.group
+    lin = lambda n: x @ w[f"{n}.weight"].T + w.get(f"{n}.bias", 0.0)  # noqa: E731
+    q, k, v = lin("q_proj"), lin("k_proj"), lin("v_proj")
+    q, k = rope(q, cache, d, shape.neox), rope(k, cache, d, shape.neox)
+    if mix is not None:
+        q, k = T.mix_qk(q, k, *mix)
+    t = x.shape[0]
+    qh = q.view(t, shape.num_kv_heads, g, d)
+    kh, vh = k.view(t, shape.num_kv_heads, d), v.view(t, shape.num_kv_heads, d)
+    scores = torch.einsum("qhgd,khd->hgqk", qh, kh) / math.sqrt(d)
+    scores = scores.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), 1), float("-inf"))
+    o = torch.einsum("hgqk,khd->qhgd", scores.softmax(-1), vh).reshape(t, -1)
+    return o @ w["o_proj.weight"].T + w.get("o_proj.bias", 0.0), kh, vh
+
+
+def random_layer(shape, bias: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv, D = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim, shape.hidden_size
+    w = {
+        "q_proj.weight": torch.randn(hq, D, generator=g) / math.sqrt(D),
+        "k_proj.weight": torch.randn(hkv, D, generator=g) / math.sqrt(D),
+        "v_proj.weight": torch.randn(hkv, D, generator=g) / math.sqrt(D),
+        "o_proj.weight": torch.randn(D, hq, generator=g) / math.sqrt(hq),
+    }
+    if bias:
+        for n, size in (("q_proj", hq), ("k_proj", hkv), ("v_proj", hkv), ("o_proj", D)):
+            w[f"{n}.bias"] = torch.randn(size, generator=g) * 0.1
+    x = torch.randn(24, D, generator=g)
+    return w, x
+
+
+KEY = bytes(range(32))
+
+
+@pytest.mark.parametrize("mode", T.MODES)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("scaling", [None, "linear", "llama3"], ids=["rope", "linear", "llama3"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_attention_output_unchanged(config, scaling, bias, mode):
+    shape = CONFIGS[config]
+    w, x = random_layer(shape, bias)
+    cache = rotary_cache(shape.head_dim, 32, scaling)
+    plain, k, v = attention(x, w, shape, cache)
+
+    new_w, dev = T.shield_layer(KEY, 3, shape, mode, w, torch.float32)
+    mix = None if dev.mix is None else (dev.mix, dev.mix_q)
+    shielded, k2, v2 = attention(x, new_w, shape, T.permute_rotary_cache(cache, dev.pairs), mix)
+
+    torch.testing.assert_close(shielded, plain, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(k2, k, atol=1e-3), "K cache was not transformed"
+    assert not torch.allclose(v2, v, atol=1e-3), "V cache was not transformed"
+
+
+@pytest.mark.parametrize("mode", T.MODES)
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_cached_kv_predicted_from_key(config, mode):
+    """The cached K/V equal the plain ones under the material derived from the key."""
+    shape = CONFIGS[config]
+    w, x = random_layer(shape, bias=True)
+    cache = rotary_cache(shape.head_dim, 32, None)
+    _, k, v = attention(x, w, shape, cache)
+    new_w, dev = T.shield_layer(KEY, 5, shape, mode, w, torch.float32)
+    mix = None if dev.mix is None else (dev.mix, dev.mix_q)
+    _, k2, v2 = attention(x, new_w, shape, T.permute_rotary_cache(cache, dev.pairs), mix)
+
+    lk = T.derive_layer_key(KEY, 5, shape, mode)
+    k_mat = lk.k_mat if lk.mix is None else lk.k_mat @ lk.mix
+    want_k = torch.einsum("thd,hde->the", k[:, lk.kv_heads].double(), k_mat).float()
+    want_v = torch.einsum("thd,hde->the", v[:, lk.kv_heads].double(), lk.v_mat).float()
+    torch.testing.assert_close(k2, want_k, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(v2, want_v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_permute_is_exact_permutation(config):
+    """permute moves values without changing them: the cache holds the plain bits, reordered."""
+    shape = CONFIGS[config]
+    w, x = random_layer(shape, bias=False)
+    cache = rotary_cache(shape.head_dim, 32, None)
+    _, k, v = attention(x, w, shape, cache)
+    new_w, dev = T.shield_layer(KEY, 0, shape, "permute", w, torch.float32)
+    _, k2, v2 = attention(x, new_w, shape, T.permute_rotary_cache(cache, dev.pairs))
+    torch.testing.assert_close(k2.sort(-1).values.sort(1).values, k.sort(-1).values.sort(1).values)
+    torch.testing.assert_close(v2.sort(-1).values.sort(1).values, v.sort(-1).values.sort(1).values)
+    for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):
+        assert torch.equal(new_w[name].flatten().sort().values, w[name].flatten().sort().values), name
+
+
+def test_rope_needs_the_permuted_table():
+    """Permuting pairs without permuting the table breaks attention (the published bug)."""
+    shape = CONFIGS["gqa-d64"]
+    w, x = random_layer(shape, bias=False)
+    cache = rotary_cache(shape.head_dim, 32, None)
+    plain, _, _ = attention(x, w, shape, cache)
+    new_w, _ = T.shield_layer(KEY, 0, shape, "permute", w, torch.float32)
+    wrong, _, _ = attention(x, new_w, shape, cache)
+    assert (wrong - plain).abs().max() > 1e-2
+
+
+def test_material_is_deterministic_and_key_dependent():
+    shape = CONFIGS["gqa-d128"]
+    a = T.derive_layer_key(KEY, 1, shape, "mix")
+    b = T.derive_layer_key(KEY, 1, shape, "mix")
+    c = T.derive_layer_key(KEY, 2, shape, "mix")
+    d = T.derive_layer_key(bytes(32), 1, shape, "mix")
+    for name in ("pairs", "k_mat", "v_mat", "mix"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert not torch.equal(getattr(a, name), getattr(c, name)), name
+        assert not torch.equal(getattr(a, name), getattr(d, name)), name
+
+
+def test_dense_matrices_are_bounded_and_not_orthogonal():
+    shape = CONFIGS["gqa-d128"]
+    lk = T.derive_layer_key(KEY, 0, shape, "mix")
+    for m, inv in ((lk.v_mat, lk.v_inv), (lk.mix, lk.mix_q.transpose(-1, -2))):
+        cond = torch.linalg.cond(m)
+        assert (cond <= T.DENSE_COND * (1 + 1e-9)).all(), cond
+        assert (cond > 1.5).all(), f"too close to orthogonal: {cond}"
+        torch.testing.assert_close(m @ inv, torch.eye(128, dtype=torch.float64).expand_as(m))
+
+
+def test_bad_inputs_name_the_problem():
+    shape = CONFIGS["gqa-d64"]
+    w, _ = random_layer(shape, bias=False)
+    with pytest.raises(ValueError, match="unknown mode 'rot13'; accepted: permute, mix-v, mix"):
+        T.derive_layer_key(KEY, 0, shape, "rot13")
+    with pytest.raises(ValueError, match="key must be 32 bytes"):
+        T.derive_layer_key(b"short", 0, shape, "mix")
+    bad = dict(w, **{"k_proj.weight": w["k_proj.weight"][:-1]})
+    with pytest.raises(ValueError, match=r"k_proj.weight has shape \(191, 144\), expected \(192, 144\)"):
+        T.shield_layer(KEY, 0, shape, "permute", bad, torch.float32)
+    with pytest.raises(ValueError, match="attention weights missing: o_proj.weight"):
+        T.shield_layer(KEY, 0, shape, "permute", {k: v for k, v in w.items() if k != "o_proj.weight"}, torch.float32)
+
+
+def test_material_repr_holds_no_numbers():
+    lk = T.derive_layer_key(KEY, 0, CONFIGS["gqa-d64"], "mix")
+    assert repr(lk) == "LayerKey(H_kv=3, d=64, mix=True)"
+
+
+def test_imports_only_torch():
+    code = "import sys, vllm_kvshield.transforms; print(sorted(m for m in ('vllm', 'ray', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

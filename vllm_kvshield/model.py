@@ -1,0 +1,225 @@
+"""KVShieldLlamaForCausalLM: vLLM's Llama whose attention weights pass through the enclave at load.
+
+Registered for every architecture name vLLM maps to its Llama code. Without the
+kvshield config it is vLLM's LlamaForCausalLM, unchanged. With it:
+  - each layer owns a copy of vLLM's rotary module, its table permuted at load;
+  - the checkpoint's q/k/v/o tensors go to the enclave before vLLM shards them;
+  - mode "mix" applies the runtime K/Q mix after RoPE.
+
+    python -m vllm.entrypoints.openai.api_server --model PATH \\
+        --additional-config '{"kvshield": {"mode": "mix"}}'
+"""
+
+import copy
+import functools
+import logging
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.rotary_embedding import (
+    DynamicNTKScalingRotaryEmbedding,
+    LinearScalingRotaryEmbedding,
+    Llama3RotaryEmbedding,
+    RotaryEmbedding,
+    YaRNScalingRotaryEmbedding,
+)
+from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+
+from . import enclave
+from .config import ShieldConfig, ShieldConfigError, ShieldError
+from .transforms import AttentionShape, DeviceMaterial, mix_qk, permute_rotary_cache
+
+logger = logging.getLogger("vllm.plugins.kvshield")  # under "vllm": vLLM's handlers and format
+
+# Rotary classes whose whole state is a static cos/sin table: exact type, not subclasses.
+SUPPORTED_ROPES = (
+    RotaryEmbedding,
+    LinearScalingRotaryEmbedding,
+    Llama3RotaryEmbedding,
+    YaRNScalingRotaryEmbedding,
+    DynamicNTKScalingRotaryEmbedding,
+)
+# Loaders that stream checkpoint tensors through model.load_weights (others bypass the enclave).
+SUPPORTED_LOAD_FORMATS = ("auto", "hf", "safetensors", "pt", "npcache", "fastsafetensors")
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+# checkpoint names of one layer's attention tensors
+ATTENTION_TENSOR = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\.)(?P<name>[qkvo]_proj\.(?:weight|bias))$")
+IGNORED_ATTENTION_TENSORS = ("rotary_emb.inv_freq",)  # old checkpoints carry it; vLLM skips it too
+
+
+def check_supported(vllm_config) -> None:
+    """Refuse configurations the shield cannot protect, naming the value and the accepted ones."""
+    model_config = vllm_config.model_config
+    if model_config.quantization is not None or vllm_config.quant_config is not None:
+        raise ShieldConfigError(
+            f"kvshield: quantized checkpoints are not supported (quantization={model_config.quantization!r}); "
+            "the transform needs full-precision attention weights"
+        )
+    load_format = str(vllm_config.load_config.load_format)
+    if load_format not in SUPPORTED_LOAD_FORMATS:
+        raise ShieldConfigError(
+            f"kvshield: load_format {load_format!r} bypasses the enclave; accepted: {', '.join(SUPPORTED_LOAD_FORMATS)}"
+        )
+    if vllm_config.lora_config is not None:
+        raise ShieldConfigError("kvshield: LoRA adapters are not supported (they are trained on the untransformed attention)")
+    kv_dtype = str(vllm_config.cache_config.cache_dtype)
+    if kv_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise ShieldConfigError(
+            f"kvshield: kv_cache_dtype {kv_dtype!r} is not supported; accepted: {', '.join(SUPPORTED_KV_CACHE_DTYPES)}"
+        )
+
+
+def local_kv_heads(total_kv_heads: int) -> torch.Tensor:
+    """Indices of the KV heads this tensor-parallel rank holds (as QKVParallelLinear shards them)."""
+    rank, size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    if total_kv_heads >= size:
+        per_rank = total_kv_heads // size
+        return torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    return torch.tensor([rank // (size // total_kv_heads)])
+
+
+class ShieldedLlamaAttention(LlamaAttention):
+    """LlamaAttention with its own rotary table and, in mode "mix", k'' = k' M, q'' = q' M^{-T} after RoPE."""
+
+    def __init__(self, *args, runtime_mix: bool, max_model_len: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        shared = self.rotary_emb
+        if type(shared) not in SUPPORTED_ROPES:
+            names = ", ".join(c.__name__ for c in SUPPORTED_ROPES)
+            raise ShieldConfigError(f"kvshield: rotary embedding {type(shared).__name__} is not supported; accepted: {names}")
+        if shared.rotary_dim != self.head_dim:
+            raise ShieldConfigError(
+                f"kvshield: partial rotary (rotary_dim={shared.rotary_dim}, head_dim={self.head_dim}) is not supported"
+            )
+        # get_rope shares one module across layers: own a copy of vLLM's module (so rope
+        # scaling stays vLLM's), holding only the positions this server can reach.
+        self._plain_table = shared.cos_sin_cache[:max_model_len]  # [P, d]: cos | sin
+        self.rotary_emb = copy.deepcopy(shared)
+        self.rotary_emb.cos_sin_cache = self._plain_table.clone()
+        self.qk_mix = self.qk_mix_q = None
+        if runtime_mix:
+            d = self.head_dim
+            self.register_buffer("qk_mix", torch.zeros(self.num_kv_heads, d, d), persistent=False)
+            self.register_buffer("qk_mix_q", torch.zeros(self.num_kv_heads, d, d), persistent=False)
+
+    def install(self, material: DeviceMaterial) -> None:
+        """Put one layer's device material in place: permuted rotary table, runtime mix."""
+        pairs = material.pairs.to(self._plain_table.device)
+        self.rotary_emb.cos_sin_cache = permute_rotary_cache(self._plain_table, pairs)
+        if self.qk_mix is not None:
+            heads = local_kv_heads(self.total_num_kv_heads)
+            self.qk_mix.copy_(material.mix[heads])
+            self.qk_mix_q.copy_(material.mix_q[heads])
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.qk_mix is None:
+            return super().forward(positions, hidden_states)
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        q, k = mix_qk(q, k, self.qk_mix, self.qk_mix_q)
+        output, _ = self.o_proj(self.attn(q, k, v))
+        return output
+
+
+class KVShieldLlamaForCausalLM(LlamaForCausalLM):
+    """vLLM's Llama; with additional_config["kvshield"], its KV cache holds only transformed K/V."""
+
+    def __init__(self, *, vllm_config, prefix: str = "", layer_type=LlamaDecoderLayer):
+        shield = ShieldConfig.from_vllm_config(vllm_config)
+        if shield is not None:
+            check_supported(vllm_config)
+            attention = functools.partial(
+                ShieldedLlamaAttention,
+                runtime_mix=shield.mode == "mix",
+                max_model_len=vllm_config.model_config.max_model_len,
+            )
+            layer_type = functools.partial(layer_type, attn_layer_type=attention)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        self.shield = shield
+        self.enclave_name = enclave.enclave_name(vllm_config) if shield else None
+        self.shielded_layers: set[int] = set()
+        self._dtype = vllm_config.model_config.dtype
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if self.shield is None:
+            return super().load_weights(weights)
+        handle = enclave.connect(self.shield, self.enclave_name)
+        self.shielded_layers = set()
+        loaded = super().load_weights(self._through_enclave(weights, handle))
+        local = set(range(self.model.start_layer, self.model.end_layer))
+        if self.shielded_layers != local:
+            missing = sorted(local - self.shielded_layers)
+            raise ShieldError(f"kvshield: layers {missing} got no attention weights through the enclave; refusing to serve")
+        info = enclave.call(handle, "info")
+        logger.info(
+            "kvshield: shield active: mode=%s, key fingerprint %s, %d layers transformed",
+            info["mode"], info["fingerprint"], len(self.shielded_layers),
+        )
+        return loaded
+
+    def _shape(self) -> AttentionShape:
+        attn = self.model.layers[self.model.start_layer].self_attn
+        return AttentionShape(
+            num_heads=attn.total_num_heads,
+            num_kv_heads=attn.total_num_kv_heads,
+            head_dim=attn.head_dim,
+            hidden_size=attn.hidden_size,
+            neox=attn.rotary_emb.is_neox_style,
+        )
+
+    def _expected(self, layer: int) -> set[str]:
+        attn = self.model.layers[layer].self_attn
+        names = {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
+        if attn.qkv_proj.bias is not None:
+            names |= {"q_proj.bias", "k_proj.bias", "v_proj.bias"}
+        if attn.o_proj.bias is not None:
+            names.add("o_proj.bias")
+        return names
+
+    def _through_enclave(self, weights, handle) -> Iterator[tuple[str, torch.Tensor]]:
+        """Pass the checkpoint through, swapping each layer's attention tensors for the enclave's.
+
+        Buffers at most one layer's attention tensors (checkpoints store a layer's keys together).
+        """
+        shape = self._shape()
+        pending: dict[int, dict[str, torch.Tensor]] = {}
+        prefixes: dict[int, str] = {}
+        for name, tensor in weights:
+            m = ATTENTION_TENSOR.match(name)
+            if m is None:
+                if ".self_attn." in name and not name.endswith(IGNORED_ATTENTION_TENSORS):
+                    raise ShieldError(f"kvshield: unexpected attention tensor {name!r} in the checkpoint")
+                yield name, tensor
+                continue
+            layer = int(m["layer"])
+            if not self.model.start_layer <= layer < self.model.end_layer:
+                continue  # another pipeline stage owns this layer
+            expected = self._expected(layer)
+            if m["name"] not in expected:
+                raise ShieldError(f"kvshield: checkpoint has {name!r}, the model expects only {sorted(expected)}")
+            pending.setdefault(layer, {})[m["name"]] = tensor
+            prefixes[layer] = m["prefix"]
+            if set(pending[layer]) == expected:
+                out, material = enclave.transform(handle, layer, shape, pending.pop(layer), self._dtype)
+                self.model.layers[layer].self_attn.install(material)
+                self.shielded_layers.add(layer)
+                for short, t in out.items():
+                    yield prefixes[layer] + short, t
+        if pending:
+            incomplete = {layer: sorted(self._expected(layer) - set(t)) for layer, t in pending.items()}
+            raise ShieldError(f"kvshield: checkpoint lacks attention tensors {incomplete}; refusing to serve")
+
+
+def shield_status(model) -> dict:
+    """What a worker's model says about its shield (run through LLM.apply_model)."""
+    shielded = isinstance(model, KVShieldLlamaForCausalLM) and model.shield is not None
+    return {
+        "model_class": type(model).__name__,
+        "enabled": shielded,
+        "mode": model.shield.mode if shielded else None,
+        "layers_shielded": len(model.shielded_layers) if shielded else 0,
+    }

@@ -1,0 +1,332 @@
+"""Secret per-layer transforms of a Llama attention block, and the key they derive from.
+
+Pure math: this module imports only torch and the standard library. Row vectors
+throughout: q = x W_Q^T, k = x W_K^T, v = x W_V^T (torch's `weight` is [out, in]).
+For each KV head h, after the secret head reordering:
+
+    K:  k' = k T_h,          its query heads: q' = q T_h^{-T}    =>  q' k'^T == q k^T
+    V:  v' = v A_h,          W_O's input block of each of its query heads gets A_h^{-1}
+    mix (runtime, after RoPE): k'' = k' M_h,  q'' = q' M_h^{-T}  =>  q'' k''^T == q k^T
+
+T_h must commute with RoPE. It is the layer's rotary-pair permutation P (valid
+only with the layer's cos/sin table permuted the same way: slot i then uses
+theta[pairs[i]]) times, per pair slot, c R(phi): the only 2x2 maps that commute
+with every rotation. Q gets (1/c) R(phi) = (c R(phi))^{-T}. The pair permutation
+is one per layer because the rotary table is shared by all heads of a layer.
+
+    mode      T_h                         A_h                     M_h
+    permute   P                           dim permutation         -
+    mix-v     P . blockdiag(c R(phi))     dense, non-orthogonal   -
+    mix       P . blockdiag(c R(phi))     dense, non-orthogonal   dense, non-orthogonal
+
+All material derives from a 32-byte key and the layer index through HMAC-SHA256
+and SHAKE-256, so whoever holds the key predicts every transformed weight exactly.
+
+    >>> key = new_key()
+    >>> shape = AttentionShape(num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576)
+    >>> lk = derive_layer_key(key, layer=0, shape=shape, mode="mix")
+"""
+
+import hashlib
+import hmac
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("permute", "mix-v", "mix")
+KEY_BYTES = 32
+KDF_VERSION = b"vllm-kvshield/v1"
+
+# Condition-number bound of every dense matrix (s log-uniform in [1/sqrt(c), sqrt(c)]):
+# enough to scramble norms, small enough that bf16 error stays at the level of plain.
+DENSE_COND = 4.0
+# K's per-pair scale c is log-uniform in [1/PAIR_SCALE, PAIR_SCALE].
+PAIR_SCALE = 2.0
+
+
+def new_key() -> bytes:
+    """A fresh key from the OS CSPRNG."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def fingerprint(key: bytes) -> str:
+    """A short public name of the key: 16 hex digits of a domain-separated SHA-256."""
+    return hashlib.sha256(KDF_VERSION + b"/fingerprint\0" + key).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """The attention geometry of one layer (full checkpoint, before TP sharding)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    neox: bool = True  # rotary pairs (i, i + d/2); False: (2i, 2i + 1)
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary pairs")
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class LayerKey:
+    """Everything one layer's transform needs; indices and matrices are per *new* head."""
+
+    kv_heads: torch.Tensor  # [H_kv] new KV head j holds original KV head kv_heads[j]
+    q_heads: torch.Tensor  # [H_q] new query head i holds original query head q_heads[i]
+    pairs: torch.Tensor  # [d/2] rotary slot i holds original pair pairs[i]
+    k_mat: torch.Tensor  # [H_kv, d, d] T_h, fp64
+    q_mat: torch.Tensor  # [H_kv, d, d] T_h^{-T}
+    v_mat: torch.Tensor  # [H_kv, d, d] A_h
+    v_inv: torch.Tensor  # [H_kv, d, d] A_h^{-1}
+    mix: torch.Tensor | None  # [H_kv, d, d] M_h (mode "mix")
+    mix_q: torch.Tensor | None  # [H_kv, d, d] M_h^{-T}
+
+    def __repr__(self) -> str:
+        return f"LayerKey(H_kv={len(self.kv_heads)}, d={self.k_mat.shape[-1]}, mix={self.mix is not None})"
+
+
+# --- key stream ------------------------------------------------------------------------------
+
+
+def _stream(key: bytes, layer: int, label: str, nbytes: int) -> bytes:
+    """nbytes of key stream for (layer, label): HMAC-SHA256 subkey expanded by SHAKE-256."""
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+    info = KDF_VERSION + f"/layer={layer}/{label}".encode()
+    subkey = hmac.new(key, info, hashlib.sha256).digest()
+    return hashlib.shake_256(subkey).digest(nbytes)
+
+
+def _uniform(key: bytes, layer: int, label: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniform fp64 in the open interval (0, 1), 53 bits each."""
+    n = math.prod(shape)
+    ints = torch.frombuffer(bytearray(_stream(key, layer, label, 8 * n)), dtype=torch.int64)
+    return ((ints & (2**53 - 1)).double() + 0.5).mul_(2.0**-53).reshape(shape)
+
+
+def _permutation(key: bytes, layer: int, label: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Independent uniform permutations of range(shape[-1]), batched over shape[:-1]."""
+    return torch.argsort(_uniform(key, layer, label, shape), dim=-1, stable=True)
+
+
+def _gaussian(key: bytes, layer: int, label: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal fp64 by Box-Muller."""
+    u = _uniform(key, layer, label, (2, *shape))
+    return torch.sqrt(-2.0 * torch.log(u[0])) * torch.cos(2.0 * math.pi * u[1])
+
+
+def _orthogonal(key: bytes, layer: int, label: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Haar-random orthogonal matrices [..., d, d] (QR of a Gaussian, signs fixed)."""
+    q, r = torch.linalg.qr(_gaussian(key, layer, label, shape))
+    return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+
+
+def _dense(key: bytes, layer: int, label: str, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n dense non-orthogonal d x d matrices U diag(s) W with cond <= DENSE_COND, and their inverses."""
+    u = _orthogonal(key, layer, f"{label}/U", (n, d, d))
+    w = _orthogonal(key, layer, f"{label}/W", (n, d, d))
+    half_log = 0.5 * math.log(DENSE_COND)
+    s = torch.exp((2.0 * _uniform(key, layer, f"{label}/s", (n, d)) - 1.0) * half_log)  # [n, d]
+    mat = u @ (s.unsqueeze(-1) * w)
+    inv = w.transpose(-1, -2) @ (u.transpose(-1, -2) / s.unsqueeze(-1))
+    return mat, inv
+
+
+# --- per-layer material ----------------------------------------------------------------------
+
+
+def pair_dims(head_dim: int, neox: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two dims of each rotary pair: neox (i, i + d/2), GPT-J (2i, 2i + 1)."""
+    i = torch.arange(head_dim // 2)
+    return (i, i + head_dim // 2) if neox else (2 * i, 2 * i + 1)
+
+
+def _pair_matrices(pairs: torch.Tensor, scale: torch.Tensor, angle: torch.Tensor, d: int, neox: bool):
+    """T = P . blockdiag(scale R(angle)) and T^{-T} = P . blockdiag(R(angle) / scale), [n, d, d].
+
+    P moves original pair pairs[i] to slot i; scale, angle: [n, d/2] per head and slot.
+    """
+    n = scale.shape[0]
+    a, b = pair_dims(d, neox)
+    perm = torch.zeros(d, d, dtype=torch.float64)
+    perm[a[pairs], a] = 1.0
+    perm[b[pairs], b] = 1.0
+    cos, sin = torch.cos(angle), torch.sin(angle)  # [n, d/2]
+    k_blocks = torch.zeros(n, d, d, dtype=torch.float64)
+    q_blocks = torch.zeros(n, d, d, dtype=torch.float64)
+    # row-vector rotation [[cos, sin], [-sin, cos]] on (dim a, dim b) of each slot
+    for blocks, c in ((k_blocks, scale), (q_blocks, 1.0 / scale)):
+        blocks[:, a, a] = c * cos
+        blocks[:, a, b] = c * sin
+        blocks[:, b, a] = -c * sin
+        blocks[:, b, b] = c * cos
+    return perm @ k_blocks, perm @ q_blocks
+
+
+def derive_layer_key(key: bytes, layer: int, shape: AttentionShape, mode: str) -> LayerKey:
+    """The deterministic secret material of one layer for one mode."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
+    h_kv, g, d = shape.num_kv_heads, shape.group, shape.head_dim
+    kv_heads = _permutation(key, layer, "kv_heads", (h_kv,))
+    within = _permutation(key, layer, "q_heads", (h_kv, g))  # [H_kv, g]
+    q_heads = (kv_heads.unsqueeze(1) * g + within).reshape(-1)
+    pairs = _permutation(key, layer, "pairs", (d // 2,))
+
+    if mode == "permute":
+        ones = torch.ones(h_kv, d // 2, dtype=torch.float64)
+        k_mat, q_mat = _pair_matrices(pairs, ones, torch.zeros_like(ones), d, shape.neox)
+        dims = _permutation(key, layer, "v_dims", (h_kv, d))  # [H_kv, d]
+        v_mat = torch.zeros(h_kv, d, d, dtype=torch.float64)
+        v_mat.scatter_(1, dims.unsqueeze(1), 1.0)  # v'[i] = v[dims[i]]
+        v_inv = v_mat.transpose(-1, -2).clone()
+    else:
+        log_c = (2.0 * _uniform(key, layer, "pair_scale", (h_kv, d // 2)) - 1.0) * math.log(PAIR_SCALE)
+        angle = 2.0 * math.pi * _uniform(key, layer, "pair_angle", (h_kv, d // 2))
+        k_mat, q_mat = _pair_matrices(pairs, torch.exp(log_c), angle, d, shape.neox)
+        v_mat, v_inv = _dense(key, layer, "v_mix", h_kv, d)
+
+    mix = mix_q = None
+    if mode == "mix":
+        mix, mix_inv = _dense(key, layer, "qk_mix", h_kv, d)
+        mix_q = mix_inv.transpose(-1, -2).contiguous()
+    return LayerKey(kv_heads, q_heads, pairs, k_mat, q_mat, v_mat, v_inv, mix, mix_q)
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+ATTENTION_WEIGHTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")
+ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
+
+
+def expected_shapes(shape: AttentionShape) -> dict[str, tuple[int, ...]]:
+    """Checkpoint shapes of one layer's attention tensors (full, unsharded)."""
+    hq, hkv, D = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim, shape.hidden_size
+    return {
+        "q_proj.weight": (hq, D),
+        "k_proj.weight": (hkv, D),
+        "v_proj.weight": (hkv, D),
+        "o_proj.weight": (D, hq),
+        "q_proj.bias": (hq,),
+        "k_proj.bias": (hkv,),
+        "v_proj.bias": (hkv,),
+        "o_proj.bias": (D,),
+    }
+
+
+def _rows(w: torch.Tensor, heads: torch.Tensor, mats: torch.Tensor, group: int) -> torch.Tensor:
+    """Output-side transform: new head i = original head heads[i] times mats[i // group].
+
+    w: [H*d, D] weight or [H*d] bias; (x W^T) T == x (T^T W)^T, and b T for a bias.
+    """
+    d = mats.shape[-1]
+    per_head = w.reshape(len(heads), d, -1)[heads]  # [H, d, D] (D = 1 for a bias)
+    mats = mats.repeat_interleave(group, dim=0)  # [H, d, d]
+    return (mats.transpose(-1, -2) @ per_head).reshape(w.shape)
+
+
+def transform_attention(
+    tensors: dict[str, torch.Tensor], lk: LayerKey, shape: AttentionShape, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """One layer's q/k/v/o weights (and biases) transformed; fp32 math, cast once to dtype.
+
+    Invariant: with the permuted rotary table, attention(x) is unchanged and the
+    cached k, v are the plain ones times T_h, A_h.
+    """
+    shapes = expected_shapes(shape)
+    for name, t in tensors.items():
+        if name not in shapes:
+            raise ValueError(f"unexpected attention tensor {name!r}; accepted: {', '.join(shapes)}")
+        if tuple(t.shape) != shapes[name]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shapes[name]}")
+    missing = [n for n in ATTENTION_WEIGHTS if n not in tensors]
+    if missing:
+        raise ValueError(f"attention weights missing: {', '.join(missing)}")
+
+    f32 = {n: t.float() for n, t in tensors.items()}
+    k_mat, q_mat, v_mat, v_inv = (m.float() for m in (lk.k_mat, lk.q_mat, lk.v_mat, lk.v_inv))
+    out = {}
+    for proj, heads, mats, group in (
+        ("q_proj", lk.q_heads, q_mat, shape.group),
+        ("k_proj", lk.kv_heads, k_mat, 1),
+        ("v_proj", lk.kv_heads, v_mat, 1),
+    ):
+        for kind in ("weight", "bias"):
+            name = f"{proj}.{kind}"
+            if name in f32:
+                out[name] = _rows(f32[name], heads, mats, group)
+    # W_O [D, H_q*d]: input block of new head i = W_O block of q_heads[i] times A^{-T}
+    d = shape.head_dim
+    o = f32["o_proj.weight"].reshape(-1, shape.num_heads, d)[:, lk.q_heads]  # [D, H_q, d]
+    inv_t = v_inv.transpose(-1, -2).repeat_interleave(shape.group, dim=0)  # [H_q, d, d]
+    out["o_proj.weight"] = torch.einsum("nhd,hde->nhe", o, inv_t).reshape(f32["o_proj.weight"].shape)
+    if "o_proj.bias" in f32:
+        out["o_proj.bias"] = f32["o_proj.bias"]  # added after the un-mixing: unchanged
+    return {n: t.to(dtype).contiguous() for n, t in out.items()}
+
+
+# --- rotary table and runtime mixing ---------------------------------------------------------
+
+
+def permute_rotary_cache(cos_sin: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """vLLM's [positions, rot_dim] table (cos | sin halves, one column per pair) with slot i using pair pairs[i]."""
+    half = cos_sin.shape[-1] // 2
+    if len(pairs) != half:
+        raise ValueError(f"rotary table has {half} pairs, permutation has {len(pairs)}")
+    cos, sin = cos_sin[..., :half], cos_sin[..., half:]
+    return torch.cat((cos[..., pairs], sin[..., pairs]), dim=-1)
+
+
+def mix_qk(
+    q: torch.Tensor, k: torch.Tensor, mix: torch.Tensor, mix_q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runtime mix after RoPE: k'' = k' M_h, q'' = q' M_h^{-T}, so q'' k''^T == q' k'^T.
+
+    q: [T, H_q*d], k: [T, H_kv*d], mix / mix_q: [H_kv, d, d] (this rank's KV heads).
+    """
+    t = k.shape[0]
+    h_kv, d, _ = mix.shape
+    k = torch.einsum("thd,hde->the", k.view(t, h_kv, d), mix).reshape(t, h_kv * d)
+    q = torch.einsum("thgd,hde->thge", q.view(t, h_kv, -1, d), mix_q).reshape(t, -1)
+    return q, k
+
+
+# --- the enclave's one call ------------------------------------------------------------------
+
+
+@dataclass
+class DeviceMaterial:
+    """What the device must hold to run a shielded layer: derived, never the key."""
+
+    pairs: torch.Tensor  # [d/2] rotary table permutation
+    mix: torch.Tensor | None  # [H_kv, d, d] M_h
+    mix_q: torch.Tensor | None  # [H_kv, d, d] M_h^{-T}
+
+    def __repr__(self) -> str:
+        return f"DeviceMaterial(pairs={len(self.pairs)}, mix={self.mix is not None})"
+
+
+def shield_layer(
+    key: bytes,
+    layer: int,
+    shape: AttentionShape,
+    mode: str,
+    tensors: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> tuple[dict[str, torch.Tensor], DeviceMaterial]:
+    """Transform one layer's attention tensors and return the device material it needs."""
+    lk = derive_layer_key(key, layer, shape, mode)
+    out = transform_attention(tensors, lk, shape, dtype)
+    mix = None if lk.mix is None else lk.mix.to(dtype)
+    mix_q = None if lk.mix_q is None else lk.mix_q.to(dtype)
+    return out, DeviceMaterial(lk.pairs.clone(), mix, mix_q)
