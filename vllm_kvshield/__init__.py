@@ -4,23 +4,38 @@
         --additional-config '{"kvshield": {"mode": "mix"}}'
 """
 
-LLAMA_MODULE = "vllm.model_executor.models.llama"
-SHIELDED_CLASS = "vllm_kvshield.model:KVShieldLlamaForCausalLM"
+LLAMA_CLASS = ("vllm.model_executor.models.llama", "LlamaForCausalLM")
+SHIELDED_CLASS = ("vllm_kvshield.model", "KVShieldLlamaForCausalLM")
 EXPLICIT_ARCH = "KVShieldLlamaForCausalLM"
+
+
+def _architectures_of(registry, module_and_class: tuple[str, str]) -> list[str]:
+    """Architecture names whose (lazily registered) class is module_and_class."""
+    return sorted(
+        arch
+        for arch, entry in registry.models.items()
+        if (getattr(entry, "module_name", None), getattr(entry, "class_name", None)) == module_and_class
+    )
 
 
 def llama_architectures(registry) -> list[str]:
     """Every architecture name vLLM resolves to its LlamaForCausalLM (aliases included)."""
-    return sorted(
-        arch
-        for arch, entry in registry.models.items()
-        if getattr(entry, "module_name", None) == LLAMA_MODULE and getattr(entry, "class_name", None) == "LlamaForCausalLM"
-    )
+    return _architectures_of(registry, LLAMA_CLASS)
+
+
+def registered_architectures() -> list[str]:
+    """The architecture names the plugin serves shielded."""
+    from vllm import ModelRegistry
+
+    return _architectures_of(ModelRegistry, SHIELDED_CLASS)
 
 
 def register() -> None:
-    """vllm.general_plugins entry point: register the shielded Llama class under every Llama name."""
+    """vllm.general_plugins entry point: the shielded class under every Llama name, and the config check."""
     from vllm import ModelRegistry
 
+    from .patches import verify_config
+
     for arch in llama_architectures(ModelRegistry) + [EXPLICIT_ARCH]:
-        ModelRegistry.register_model(arch, SHIELDED_CLASS)
+        ModelRegistry.register_model(arch, ":".join(SHIELDED_CLASS))
+    verify_config.install()

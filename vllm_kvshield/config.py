@@ -10,6 +10,11 @@ from .transforms import MODES
 CONFIG_KEY = "kvshield"
 DEFAULT_MODE = "mix"
 
+# Loaders that stream checkpoint tensors through model.load_weights (the others bypass the enclave).
+SUPPORTED_LOAD_FORMATS = ("auto", "hf", "safetensors", "pt", "npcache", "fastsafetensors")
+SUPPORTED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+SUPPORTED_MODEL_IMPLS = ("auto", "vllm")
+
 
 class ShieldConfigError(ValueError):
     """The kvshield configuration is invalid: the shield refuses to start."""
@@ -59,3 +64,35 @@ class ShieldConfig:
         if not isinstance(extra, dict) or CONFIG_KEY not in extra:
             return None
         return cls.from_dict(extra[CONFIG_KEY])
+
+
+def check_supported(vllm_config, architectures: list[str]) -> None:
+    """Refuse what the shield cannot protect, naming the value and the accepted ones.
+
+    architectures: the names the plugin registered its class under.
+    """
+    model_config = vllm_config.model_config
+    arch = model_config.architecture
+    if model_config.model_impl not in SUPPORTED_MODEL_IMPLS or arch not in architectures:
+        raise ShieldConfigError(
+            f"kvshield: architecture {arch!r} (model_impl={model_config.model_impl!r}) is not supported; "
+            f"accepted: {', '.join(architectures)} with model_impl {' or '.join(SUPPORTED_MODEL_IMPLS)}"
+        )
+    if model_config.quantization is not None or vllm_config.quant_config is not None:
+        raise ShieldConfigError(
+            f"kvshield: quantized checkpoints are not supported (quantization={model_config.quantization!r}); "
+            "the transform needs full-precision attention weights"
+        )
+    load_format = str(vllm_config.load_config.load_format)
+    if load_format not in SUPPORTED_LOAD_FORMATS:
+        raise ShieldConfigError(
+            f"kvshield: load_format {load_format!r} bypasses the enclave; accepted: {', '.join(SUPPORTED_LOAD_FORMATS)}"
+        )
+    if vllm_config.lora_config is not None:
+        raise ShieldConfigError("kvshield: LoRA adapters are not supported (they are trained on the untransformed attention)")
+    kv_dtype = str(vllm_config.cache_config.cache_dtype)
+    if kv_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise ShieldConfigError(
+            f"kvshield: kv_cache_dtype {kv_dtype!r} is not supported; accepted: {', '.join(SUPPORTED_KV_CACHE_DTYPES)}"
+        )
+

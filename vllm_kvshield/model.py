@@ -27,8 +27,8 @@ from vllm.model_executor.layers.rotary_embedding import (
 )
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
-from . import enclave
-from .config import ShieldConfig, ShieldConfigError, ShieldError
+from . import enclave, registered_architectures
+from .config import ShieldConfig, ShieldConfigError, ShieldError, check_supported
 from .transforms import AttentionShape, DeviceMaterial, mix_qk, permute_rotary_cache
 
 logger = logging.getLogger("vllm.plugins.kvshield")  # under "vllm": vLLM's handlers and format
@@ -41,35 +41,9 @@ SUPPORTED_ROPES = (
     YaRNScalingRotaryEmbedding,
     DynamicNTKScalingRotaryEmbedding,
 )
-# Loaders that stream checkpoint tensors through model.load_weights (others bypass the enclave).
-SUPPORTED_LOAD_FORMATS = ("auto", "hf", "safetensors", "pt", "npcache", "fastsafetensors")
-SUPPORTED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-
 # checkpoint names of one layer's attention tensors
 ATTENTION_TENSOR = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\.)(?P<name>[qkvo]_proj\.(?:weight|bias))$")
 IGNORED_ATTENTION_TENSORS = ("rotary_emb.inv_freq",)  # old checkpoints carry it; vLLM skips it too
-
-
-def check_supported(vllm_config) -> None:
-    """Refuse configurations the shield cannot protect, naming the value and the accepted ones."""
-    model_config = vllm_config.model_config
-    if model_config.quantization is not None or vllm_config.quant_config is not None:
-        raise ShieldConfigError(
-            f"kvshield: quantized checkpoints are not supported (quantization={model_config.quantization!r}); "
-            "the transform needs full-precision attention weights"
-        )
-    load_format = str(vllm_config.load_config.load_format)
-    if load_format not in SUPPORTED_LOAD_FORMATS:
-        raise ShieldConfigError(
-            f"kvshield: load_format {load_format!r} bypasses the enclave; accepted: {', '.join(SUPPORTED_LOAD_FORMATS)}"
-        )
-    if vllm_config.lora_config is not None:
-        raise ShieldConfigError("kvshield: LoRA adapters are not supported (they are trained on the untransformed attention)")
-    kv_dtype = str(vllm_config.cache_config.cache_dtype)
-    if kv_dtype not in SUPPORTED_KV_CACHE_DTYPES:
-        raise ShieldConfigError(
-            f"kvshield: kv_cache_dtype {kv_dtype!r} is not supported; accepted: {', '.join(SUPPORTED_KV_CACHE_DTYPES)}"
-        )
 
 
 def local_kv_heads(total_kv_heads: int) -> torch.Tensor:
@@ -131,7 +105,7 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = "", layer_type=LlamaDecoderLayer):
         shield = ShieldConfig.from_vllm_config(vllm_config)
         if shield is not None:
-            check_supported(vllm_config)
+            check_supported(vllm_config, registered_architectures())
             attention = functools.partial(
                 ShieldedLlamaAttention,
                 runtime_mix=shield.mode == "mix",
