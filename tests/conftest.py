@@ -23,26 +23,55 @@ def model_path() -> str:
 
 
 class Engines:
-    """vllm.LLM instances keyed by (mode, dtype, options), started on first use and kept for the session."""
+    """vllm.LLM instances keyed by (mode, dtype, options), started on first use and kept for the session.
+
+    At most MAX_ALIVE run at once (each holds ~2 GiB): the least recently used is shut down.
+    """
+
+    MAX_ALIVE = 5
 
     def __init__(self, model: str):
         self.model = model
         self._llms: dict = {}
 
-    def get(self, mode: str = "none", dtype: str = "float32", key_file: str | None = None, **options):
-        """mode "none": the plugin installed, no flag. Other modes: the flag with that mode."""
-        key = (mode, dtype, key_file, tuple(sorted(options.items())))
-        if key not in self._llms:
+    def get(self, mode="none", dtype="float32", key_file=None, env: dict | None = None, model=None, **options):
+        """mode "none": the plugin installed, no flag. Other modes: the flag with that mode.
+
+        env: variables set while the engine's processes start (e.g. VLLM_PLUGINS).
+        """
+        env = env or {}
+        key = (mode, dtype, key_file, model, tuple(sorted(env.items())), tuple(sorted(options.items())))
+        if key in self._llms:
+            self._llms[key] = self._llms.pop(key)  # most recently used last
+        else:
             from vllm import LLM
+
+            while len(self._llms) >= self.MAX_ALIVE:
+                self._shutdown(self._llms.pop(next(iter(self._llms))))
 
             shield = {"mode": mode, **({"key_file": key_file} if key_file else {})}
             extra = {} if mode == "none" else {"kvshield": shield}
-            self._llms[key] = LLM(self.model, dtype=dtype, additional_config=extra, **{**ENGINE_DEFAULTS, **options})
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                self._llms[key] = LLM(
+                    model or self.model, dtype=dtype, additional_config=extra, **{**ENGINE_DEFAULTS, **options}
+                )
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         return self._llms[key]
+
+    @staticmethod
+    def _shutdown(llm) -> None:
+        llm.llm_engine.engine_core.shutdown()
 
     def close(self):
         for llm in self._llms.values():
-            llm.llm_engine.engine_core.shutdown()
+            self._shutdown(llm)
         self._llms.clear()
 
 

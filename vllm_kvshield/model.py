@@ -73,11 +73,12 @@ class ShieldedLlamaAttention(LlamaAttention):
         self._plain_table = shared.cos_sin_cache[:max_model_len]  # [P, d]: cos | sin
         self.rotary_emb = copy.deepcopy(shared)
         self.rotary_emb.cos_sin_cache = self._plain_table.clone()
-        self.qk_mix = self.qk_mix_q = None
-        if runtime_mix:
+        if runtime_mix:  # [H_kv local, d, d] M_h and M_h^{-T}, filled at load
             d = self.head_dim
             self.register_buffer("qk_mix", torch.zeros(self.num_kv_heads, d, d), persistent=False)
             self.register_buffer("qk_mix_q", torch.zeros(self.num_kv_heads, d, d), persistent=False)
+        else:
+            self.qk_mix = self.qk_mix_q = None
 
     def install(self, material: DeviceMaterial) -> None:
         """Put one layer's device material in place: permuted rotary table, runtime mix."""
