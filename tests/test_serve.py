@@ -1,0 +1,180 @@
+"""Real `kvshield serve` processes: ready only with the shield proven on, clean errors, clean shutdown.
+
+Three servers: a compiled shielded one that answers chat (then Ctrl-C), one with the plugin excluded
+(must never report ready), one that vLLM refuses while starting (the kvshield line is the error).
+
+    pytest tests/test_serve.py
+"""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from vllm_kvshield.keys import read_key_file, write_key_file
+from vllm_kvshield.transforms import fingerprint
+
+KVSHIELD = Path(sys.executable).with_name("kvshield")
+SMALL_ENGINE = ["--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20)]
+START_BOUND_S = 1800  # bounds against hangs on a busy machine, not performance checks
+STOP_BOUND_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """`kvshield serve ...` with its stdout/stderr collected and every descendant process remembered."""
+
+    def __init__(self, args: list[str], env: dict | None = None):
+        self.proc = subprocess.Popen(
+            [str(KVSHIELD), "serve", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.descendants: dict[int, psutil.Process] = {}
+        self._readers = [
+            threading.Thread(target=self._collect, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._collect, args=(self.proc.stderr, self.stderr), daemon=True),
+            threading.Thread(target=self._watch_tree, daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    @staticmethod
+    def _collect(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line.rstrip("\n"))
+
+    def _watch_tree(self) -> None:
+        root = psutil.Process(self.proc.pid)
+        while self.proc.poll() is None:
+            try:
+                for child in root.children(recursive=True):
+                    self.descendants.setdefault(child.pid, child)
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.5)
+
+    def wait_for_ready_or_exit(self) -> str | None:
+        """The ready line, or None when the process exited without printing it."""
+        deadline = time.monotonic() + START_BOUND_S
+        while time.monotonic() < deadline:
+            ready = [line for line in self.stdout if "ready at" in line]
+            if ready:
+                return ready[0]
+            if self.proc.poll() is not None:
+                self.finish()
+                return next((line for line in self.stdout if "ready at" in line), None)
+            time.sleep(0.5)
+        self.proc.kill()
+        pytest.fail(f"kvshield serve neither became ready nor exited within {START_BOUND_S} s: {self.stderr[-10:]}")
+
+    def finish(self) -> int:
+        code = self.proc.wait(STOP_BOUND_S)
+        for t in self._readers:
+            t.join(10)
+        return code
+
+    def survivors(self) -> list[str]:
+        left = []
+        for p in self.descendants.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(f"{p.pid} {' '.join(p.cmdline())[:120]}")
+            except psutil.NoSuchProcess:
+                pass
+        return left
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(STOP_BOUND_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for p in self.descendants.values():  # after a failed test: never leave a server behind
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def chat(base_url: str, model: str, question: str) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0}
+    request = urllib.request.Request(
+        f"{base_url}/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=300) as r:
+        return json.load(r)["choices"][0]["message"]["content"]
+
+
+def test_serve_answers_chat_with_the_shield_on_and_stops_cleanly(tmp_path):
+    key_file = tmp_path / "serve.key"
+    write_key_file(str(key_file))
+    key = read_key_file(str(key_file))
+    log = tmp_path / "vllm.log"
+    port = free_port()
+    server = ServeProcess(["--key-file", str(key_file), "--port", str(port), "--log-file", str(log), *SMALL_ENGINE])
+    try:
+        ready = server.wait_for_ready_or_exit()
+        assert ready == f"kvshield: ready at http://127.0.0.1:{port}/v1 (mode=mix, key fingerprint {fingerprint(key)})", (
+            server.stderr[-10:]
+        )
+        answer = chat(f"http://127.0.0.1:{port}/v1", "SmolLM2-135M-Instruct", "What is the capital of France?")
+        assert "Paris" in answer, answer
+        active = [line for line in log.read_text().splitlines() if "kvshield: shield active" in line]
+        assert active and all(f"key fingerprint {fingerprint(key)}" in line for line in active), active
+        assert server.descendants, "the vLLM server process was not seen"
+
+        server.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert server.finish() == 0, server.stderr[-10:]
+        assert server.survivors() == []
+        printed = "\n".join(server.stdout + server.stderr) + log.read_text()
+        for encoded in (key.hex(), key.hex().upper(), base64.b64encode(key).decode()):
+            assert encoded not in printed
+    finally:
+        server.stop()
+
+
+def test_serve_never_reports_ready_when_the_plugin_is_excluded():
+    server = ServeProcess(["--port", str(free_port()), "--enforce-eager", *SMALL_ENGINE], env={"VLLM_PLUGINS": "none"})
+    try:
+        assert server.wait_for_ready_or_exit() is None, "reported ready without the shield"
+        assert server.proc.returncode != 0
+        error = server.stderr[-1]
+        assert error.startswith("kvshield: the server started WITHOUT the shield") and "VLLM_PLUGINS" in error, error
+        assert server.survivors() == []
+    finally:
+        server.stop()
+
+
+def test_serve_reports_vllms_kvshield_refusal_not_its_traceback():
+    """load_format dummy would bypass the enclave: refused inside vLLM, where only the shield's own check sees it."""
+    server = ServeProcess(["--port", str(free_port()), "--enforce-eager", "--load-format", "dummy", *SMALL_ENGINE])
+    try:
+        assert server.wait_for_ready_or_exit() is None
+        assert server.proc.returncode != 0
+        errors = [line for line in server.stderr if line.startswith("kvshield: ") and "starting vLLM" not in line]
+        assert errors and "load_format 'dummy'" in errors[0] and "[type=" not in errors[0], server.stderr
+        assert not any("Traceback" in line for line in server.stderr), server.stderr
+        assert server.survivors() == []
+    finally:
+        server.stop()

@@ -1,0 +1,294 @@
+"""Run the vLLM server process; report it ready only once its workers prove the shield is active.
+
+    plan = launch.plan_serve(None, {"mode": "mix"}, ["--port", "8000"])
+    sys.exit(serve.run(plan))
+
+vLLM accepts `--additional-config '{"kvshield": ...}'` silently when the plugin is not loaded, and
+then serves unshielded. So readiness is two facts: /health answers, and the workers logged
+"kvshield: shield active: mode=..., key fingerprint ..., N layers transformed" with the expected
+mode (and fingerprint, when a key file is given). Otherwise the server is stopped and the start fails.
+The server runs in its own session; every process it starts (Ray's included) is stopped with it.
+"""
+
+import collections
+import os
+import re
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import psutil
+
+from .launch import ServePlan
+
+ACTIVE_LINE = re.compile(
+    r"kvshield: shield active: mode=(?P<mode>[^,\s]+), key fingerprint (?P<fingerprint>[0-9a-f]+), "
+    r"(?P<layers>\d+) layers transformed"
+)
+KVSHIELD_MESSAGE = re.compile(r"kvshield: .*")
+VALIDATION_SUFFIX = re.compile(r" \[type=\w+, input_value=.*$")  # pydantic's, when vLLM's config check re-raises
+QUIET_LEVELS = re.compile(r"\b(INFO|DEBUG)\b")  # a kvshield line logged at these levels is not an error
+HEALTH_POLL_S = 1.0
+HEALTH_TIMEOUT_S = 2.0
+ACTIVE_LINE_WAIT_S = 10.0  # after /health answers, for the output reader to catch up
+SHUTDOWN_GRACE_S = 30.0  # the server's own clean shutdown, before it is killed
+KILL_WAIT_S = 5.0
+TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class ShieldReport:
+    mode: str
+    fingerprint: str
+    layers: int
+
+
+class ServerOutput:
+    """Reads the server's combined output: copies it to a log file (and stderr once mirrored),
+    keeps a tail, collects the workers' shield reports and kvshield messages."""
+
+    def __init__(self, stream, log_path: str, mirror: bool):
+        self.log_path = log_path
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.reports: list[ShieldReport] = []
+        self.messages: list[str] = []  # kvshield lines other than reports, first occurrence each
+        self.active = threading.Event()
+        self.mirror = threading.Event()
+        if mirror:
+            self.mirror.set()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream) -> None:
+        with open(self.log_path, "w", encoding="utf-8") as log:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                log.write(line + "\n")
+                log.flush()
+                self._scan(line)
+                if self.mirror.is_set():
+                    print(line, file=sys.stderr, flush=True)
+
+    def _scan(self, line: str) -> None:
+        with self._lock:
+            self.tail.append(line)
+            report = ACTIVE_LINE.search(line)
+            if report is not None:
+                self.reports.append(ShieldReport(report["mode"], report["fingerprint"], int(report["layers"])))
+                self.active.set()
+                return
+            message = KVSHIELD_MESSAGE.search(line)
+            if message is None or QUIET_LEVELS.search(line[: message.start()]):
+                return
+            text = VALIDATION_SUFFIX.sub("", message.group(0))
+            if text not in self.messages:
+                self.messages.append(text)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def snapshot(self) -> tuple[list[ShieldReport], list[str], list[str]]:
+        with self._lock:
+            return list(self.reports), list(self.messages), list(self.tail)
+
+
+class ProcessTree:
+    """Every process the server started, remembered while they live, so none outlives the server."""
+
+    def __init__(self, root: psutil.Process):
+        self.root = root
+        self.seen: dict[int, psutil.Process] = {root.pid: root}
+
+    def record(self) -> None:
+        try:
+            for child in self.root.children(recursive=True):
+                self.seen.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            pass
+
+    def alive(self) -> list[psutil.Process]:
+        # psutil.Process.is_running() also checks the creation time: a reused pid is not ours
+        left = []
+        for p in self.seen.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return left
+
+    def stop_leftovers(self) -> None:
+        """Terminate, then kill, whatever the server left behind."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            left = self.alive()
+            if not left:
+                return
+            for p in left:
+                try:
+                    p.send_signal(sig)
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(left, timeout=KILL_WAIT_S)
+
+
+class StartFailed(Exception):
+    """The server did not become ready with the shield on; the message is for the user."""
+
+
+class Server:
+    """One vLLM server child process in its own session, with its output reader and process tree."""
+
+    def __init__(self, plan: ServePlan, log_path: str, verbose: bool):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.plan = plan
+        self.proc = subprocess.Popen(
+            plan.command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        self.tree = ProcessTree(psutil.Process(self.proc.pid))
+        self.output = ServerOutput(self.proc.stdout, log_path, mirror=verbose)
+        self.signalled: int | None = None
+
+    def healthy(self) -> bool:
+        context = ssl._create_unverified_context() if self.plan.health_url.startswith("https") else None
+        try:
+            with urllib.request.urlopen(self.plan.health_url, timeout=HEALTH_TIMEOUT_S, context=context) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float) -> ShieldReport:
+        """Block until /health answers and the workers reported the expected shield; raise StartFailed otherwise."""
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            self.tree.record()
+            if self.signalled is not None:
+                raise StartFailed(f"kvshield: interrupted (signal {self.signalled}) before the server was ready")
+            if self.proc.poll() is not None:
+                raise StartFailed(self._death_message())
+            if time.monotonic() > deadline:
+                raise StartFailed(f"kvshield: the server was not ready within {timeout:.0f} s; log: {self.output.log_path}")
+            time.sleep(HEALTH_POLL_S)
+        self.tree.record()
+        self.output.active.wait(ACTIVE_LINE_WAIT_S)
+        return self._check_reports()
+
+    def _check_reports(self) -> ShieldReport:
+        reports, _, _ = self.output.snapshot()
+        plan = self.plan
+        if not reports:
+            plugins = os.environ.get("VLLM_PLUGINS")
+            hint = f" (VLLM_PLUGINS={plugins!r} must include 'kvshield')" if plugins is not None else ""
+            raise StartFailed(
+                "kvshield: the server started WITHOUT the shield: no worker logged 'kvshield: shield active'; "
+                f"is the vllm-kvshield plugin installed and loaded{hint}, and is the model a Llama architecture? "
+                f"Stopped it; log: {self.output.log_path}"
+            )
+        for r in reports:
+            if r.mode != plan.shield.mode:
+                raise StartFailed(f"kvshield: a worker runs mode {r.mode!r}, {plan.shield.mode!r} was asked for; stopped")
+            if plan.expected_fingerprint is not None and r.fingerprint != plan.expected_fingerprint:
+                raise StartFailed(
+                    f"kvshield: a worker uses key fingerprint {r.fingerprint}, the key file has "
+                    f"{plan.expected_fingerprint}; stopped"
+                )
+            if r.fingerprint != reports[0].fingerprint:
+                raise StartFailed(f"kvshield: workers use different keys ({reports[0].fingerprint}, {r.fingerprint}); stopped")
+            if plan.expected_layers is not None and r.layers != plan.expected_layers:
+                raise StartFailed(
+                    f"kvshield: a worker transformed {r.layers} layers, the model has {plan.expected_layers}; stopped"
+                )
+        return reports[0]
+
+    def _death_message(self) -> str:
+        self.output.join(KILL_WAIT_S)
+        _, messages, tail = self.output.snapshot()
+        code = self.proc.returncode
+        if messages:
+            return "\n".join(messages) + f"\nkvshield: the server exited (code {code}); log: {self.output.log_path}"
+        last = "\n".join(f"  | {line}" for line in tail)
+        return f"kvshield: the server exited (code {code}) before it was ready; its last output:\n{last}\nlog: {self.output.log_path}"
+
+    def forward(self, signum: int) -> None:
+        """Pass a signal to the server process; a second one kills the whole tree."""
+        if self.signalled is not None:
+            self.tree.record()
+            self._kill_session(signal.SIGKILL)
+        self.signalled = signum
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def _kill_session(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self) -> int:
+        """Stop the server (clean shutdown first) and everything it started; its exit code."""
+        self.tree.record()
+        if self.proc.poll() is None:
+            if self.signalled is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(SHUTDOWN_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self._kill_session(signal.SIGKILL)
+                self.proc.wait()
+        self._kill_session(signal.SIGKILL)
+        self.tree.stop_leftovers()
+        self.output.join(KILL_WAIT_S)
+        return self.proc.returncode
+
+
+def default_log_path() -> str:
+    return os.path.join(tempfile.gettempdir(), f"kvshield-serve-{os.getpid()}.log")
+
+
+def run(plan: ServePlan, ready_timeout: float, log_path: str | None = None, verbose: bool = False) -> int:
+    """Start, prove ready, serve until the server exits or a signal arrives. The process exit code."""
+    log_path = log_path or default_log_path()
+    print(f"kvshield: starting vLLM (log: {log_path})", file=sys.stderr, flush=True)
+    server = Server(plan, log_path, verbose)
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, lambda signum, _frame: server.forward(signum)) for s in handled}
+    try:
+        try:
+            report = server.wait_ready(ready_timeout)
+        except StartFailed as e:
+            server.stop()
+            print(str(e), file=sys.stderr, flush=True)
+            return 128 + server.signalled if server.signalled else 1
+        print(
+            f"kvshield: ready at {plan.url}/v1 (mode={report.mode}, key fingerprint {report.fingerprint})",
+            flush=True,
+        )
+        server.output.mirror.set()
+        while server.proc.poll() is None and server.signalled is None:
+            server.tree.record()
+            time.sleep(HEALTH_POLL_S)
+        code = server.stop()
+        if server.signalled is not None:
+            print(f"kvshield: stopped (signal {server.signalled})", file=sys.stderr, flush=True)
+            return 0
+        _, messages, _ = server.output.snapshot()
+        for message in messages:
+            print(message, file=sys.stderr)
+        print(f"kvshield: the server exited (code {code}); log: {log_path}", file=sys.stderr, flush=True)
+        return code or 1
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
