@@ -149,3 +149,10 @@ def test_serve_refuses_a_port_in_use():
         busy.listen()
         port = busy.getsockname()[1]
         assert_refused(kvshield("serve", "--port", str(port)), f"127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("env", [{"VLLM_LOGGING_LEVEL": "WARNING"}, {"VLLM_CONFIGURE_LOGGING": "0"}], ids=["level", "off"])
+def test_serve_refuses_logging_that_hides_the_shield_report(env):
+    """Readiness is proven by the workers' INFO line: without it every start would be refused late."""
+    (name, value), = env.items()
+    assert_refused(kvshield("serve", env=env), f"{name}={value}", "shield active")

@@ -1,6 +1,6 @@
 """Real `kvshield serve` processes: ready only with the shield proven on, clean errors, clean shutdown.
 
-Three servers: a compiled shielded one that answers chat (then Ctrl-C), one with the plugin excluded
+Three servers: a compiled shielded one that answers like plain vLLM (then Ctrl-C), one with the plugin excluded
 (must never report ready), one that vLLM refuses while starting (the kvshield line is the error).
 
     pytest tests/test_serve.py
@@ -20,7 +20,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
+from vllm_kvshield import data, quality
 from vllm_kvshield.keys import read_key_file, write_key_file
 from vllm_kvshield.transforms import fingerprint
 
@@ -28,6 +30,10 @@ KVSHIELD = Path(sys.executable).with_name("kvshield")
 SMALL_ENGINE = ["--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20)]
 START_BOUND_S = 1800  # bounds against hangs on a busy machine, not performance checks
 STOP_BOUND_S = 120
+SERVED_NAME = "SmolLM2-135M-Instruct"
+# The server runs compiled, the in-process plain reference eager: a looser bound than the engine
+# tests' 0.2%, still far below what a wrong transform does to perplexity.
+PERPLEXITY_REL_TOLERANCE = 0.01
 
 
 def free_port() -> int:
@@ -117,16 +123,29 @@ class ServeProcess:
                 pass
 
 
-def chat(base_url: str, model: str, question: str) -> str:
-    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0}
-    request = urllib.request.Request(
-        f"{base_url}/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as r:
-        return json.load(r)["choices"][0]["message"]["content"]
+        return json.load(r)
 
 
-def test_serve_answers_chat_with_the_shield_on_and_stops_cleanly(tmp_path):
+def served_scores(base_url: str, chunks: list[list[int]]) -> quality.Scores:
+    """quality.score, through the server's /v1/completions prompt logprobs."""
+    logprobs, top1 = [], []
+    for chunk in chunks:
+        body = {"model": SERVED_NAME, "prompt": chunk, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 1}
+        entries = post(f"{base_url}/completions", body)["choices"][0]["prompt_logprobs"]
+        for token, entry in zip(chunk[1:], entries[1:]):
+            logprobs.append(entry[str(token)]["logprob"])
+            top1.append(next(int(t) for t, e in entry.items() if e["rank"] == 1))
+    return quality.Scores(torch.tensor(logprobs, dtype=torch.float64), torch.tensor(top1))
+
+
+def test_serve_answers_with_the_shield_on_and_stops_cleanly(tmp_path, engines):
+    """Compiled (no --enforce-eager): the serving path the engine tests do not cover."""
+    plain = engines.get("none", "bfloat16")
+    chunks = quality.text_chunks(plain.get_tokenizer(), data.text("alice"), n=2, length=500)
+    plain_scores = quality.score(plain, chunks)
     key_file = tmp_path / "serve.key"
     write_key_file(str(key_file))
     key = read_key_file(str(key_file))
@@ -135,15 +154,18 @@ def test_serve_answers_chat_with_the_shield_on_and_stops_cleanly(tmp_path):
     server = ServeProcess(["--key-file", str(key_file), "--port", str(port), "--log-file", str(log), *SMALL_ENGINE])
     try:
         ready = server.wait_for_ready_or_exit()
-        assert ready == f"kvshield: ready at http://127.0.0.1:{port}/v1 (mode=mix, key fingerprint {fingerprint(key)})", (
-            server.stderr[-10:]
-        )
-        answer = chat(f"http://127.0.0.1:{port}/v1", "SmolLM2-135M-Instruct", "What is the capital of France?")
-        assert "Paris" in answer, answer
+        base_url = f"http://127.0.0.1:{port}/v1"
+        assert ready == f"kvshield: ready at {base_url} (mode=mix, key fingerprint {fingerprint(key)})", server.stderr[-10:]
         active = [line for line in log.read_text().splitlines() if "kvshield: shield active" in line]
         assert active and all(f"key fingerprint {fingerprint(key)}" in line for line in active), active
-        assert server.descendants, "the vLLM server process was not seen"
 
+        body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 24}
+        answer = post(f"{base_url}/chat/completions", body)["choices"][0]["message"]["content"]
+        assert answer.strip(), "empty chat answer"
+        result = quality.compare(plain_scores, served_scores(base_url, chunks))
+        assert abs(result["perplexity_rel_diff"]) < PERPLEXITY_REL_TOLERANCE, result
+
+        assert server.descendants, "the vLLM server process was not seen"
         server.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert server.finish() == 0, server.stderr[-10:]
         assert server.survivors() == []

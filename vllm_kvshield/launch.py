@@ -27,7 +27,7 @@ CPU_KV_CACHE_BYTES = 1 << 30
 BLOCK_ALIGN = 16  # --max-model-len we derive is a multiple of this
 # shortcut option -> key of the kvshield config
 SHORTCUTS = {"--mode": "mode", "--key-file": "key_file", "--ray-address": "ray_address"}
-QUIET_LOG_LEVELS = ("WARNING", "ERROR", "CRITICAL")
+QUIET_LOG_LEVELS = ("WARN", "WARNING", "ERROR", "CRITICAL", "FATAL")
 
 
 class LaunchError(RuntimeError):
