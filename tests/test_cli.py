@@ -156,3 +156,8 @@ def test_serve_refuses_logging_that_hides_the_shield_report(env):
     """Readiness is proven by the workers' INFO line: without it every start would be refused late."""
     (name, value), = env.items()
     assert_refused(kvshield("serve", env=env), f"{name}={value}", "shield active")
+
+
+def test_serve_refuses_a_log_file_it_cannot_write(tmp_path):
+    path = tmp_path / "no-such-folder" / "vllm.log"
+    assert_refused(kvshield("serve", "--log-file", str(path)), str(path))

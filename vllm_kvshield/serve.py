@@ -54,8 +54,8 @@ class ServerOutput:
     """Reads the server's combined output: copies it to a log file (and stderr once mirrored),
     keeps a tail, collects the workers' shield reports and kvshield messages."""
 
-    def __init__(self, stream, log_path: str, mirror: bool):
-        self.log_path = log_path
+    def __init__(self, stream, log, mirror: bool):
+        self.log_path = log.name
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.reports: list[ShieldReport] = []
         self.messages: list[str] = []  # kvshield lines other than reports, first occurrence each
@@ -64,11 +64,11 @@ class ServerOutput:
         if mirror:
             self.mirror.set()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread = threading.Thread(target=self._read, args=(stream, log), daemon=True)
         self._thread.start()
 
-    def _read(self, stream) -> None:
-        with open(self.log_path, "w", encoding="utf-8") as log:
+    def _read(self, stream, log) -> None:
+        with log:
             for raw in iter(stream.readline, b""):
                 line = raw.decode("utf-8", errors="replace").rstrip("\n")
                 log.write(line + "\n")
@@ -149,6 +149,10 @@ class Server:
     def __init__(self, plan: ServePlan, log_path: str, verbose: bool):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.plan = plan
+        try:
+            log = open(log_path, "w", encoding="utf-8")
+        except OSError as e:
+            raise StartFailed(f"kvshield: cannot write the log file {log_path}: {e.strerror}") from None
         self.proc = subprocess.Popen(
             plan.command,
             stdin=subprocess.DEVNULL,
@@ -158,11 +162,15 @@ class Server:
             start_new_session=True,
         )
         self.tree = ProcessTree(psutil.Process(self.proc.pid))
-        self.output = ServerOutput(self.proc.stdout, log_path, mirror=verbose)
+        self.output = ServerOutput(self.proc.stdout, log, mirror=verbose)
         self.signalled: int | None = None
 
     def healthy(self) -> bool:
-        context = ssl._create_unverified_context() if self.plan.health_url.startswith("https") else None
+        context = None
+        if self.plan.health_url.startswith("https"):  # the server's own certificate: only liveness is asked
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         try:
             with urllib.request.urlopen(self.plan.health_url, timeout=HEALTH_TIMEOUT_S, context=context) as r:
                 return r.status == 200
@@ -260,8 +268,12 @@ def default_log_path() -> str:
 def run(plan: ServePlan, ready_timeout: float, log_path: str | None = None, verbose: bool = False) -> int:
     """Start, prove ready, serve until the server exits or a signal arrives. The process exit code."""
     log_path = log_path or default_log_path()
+    try:
+        server = Server(plan, log_path, verbose)
+    except StartFailed as e:
+        print(str(e), file=sys.stderr, flush=True)
+        return 1
     print(f"kvshield: starting vLLM (log: {log_path})", file=sys.stderr, flush=True)
-    server = Server(plan, log_path, verbose)
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, lambda signum, _frame: server.forward(signum)) for s in handled}
     try:
