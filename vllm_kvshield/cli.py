@@ -3,6 +3,7 @@
     kvshield model-path                      # prepares SmolLM2 if needed, prints its folder (last line)
     kvshield keygen --out /etc/kvshield.key  # mode 0600, prints the key fingerprint
     kvshield serve [MODEL] [--mode MODE] [--key-file FILE] [--ray-address ADDR] [vllm serve arguments...]
+    kvshield bench [--quick] [--modes none,permute,mix-v,mix] [--out DIR]   # benchmarks (vllm_kvshield.bench)
 
 Refusals are one line on stderr starting with "kvshield: " and a non-zero exit code.
 """
@@ -84,11 +85,12 @@ class UserError(Exception):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="kvshield", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{model-path,keygen,serve}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{model-path,keygen,serve,bench}")
     commands.add_parser("model-path", help="prepare the default model if needed; print its folder")
     keygen = commands.add_parser("keygen", help="write a new key file (mode 0600); print its fingerprint")
     keygen.add_argument("--out", required=True, help="the key file to create (never overwritten)")
     commands.add_parser("serve", help="serve a model with the shield on (kvshield serve --help)", add_help=False)
+    commands.add_parser("bench", help="benchmark the shield against plain vLLM (kvshield bench --help)", add_help=False)
 
     from .config import ShieldConfigError, ShieldError
     from .launch import LaunchError
@@ -96,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["serve"]:  # its unknown arguments belong to vLLM
             return serve_command(argv[1:])
+        if argv[:1] == ["bench"]:
+            from .bench.cli import main as bench_main
+
+            return bench_main(argv[1:])
         args = parser.parse_args(argv)
         return {"model-path": model_path_command, "keygen": keygen_command}[args.command](args)
     except (UserError, LaunchError, ShieldConfigError, ShieldError) as e:

@@ -1,0 +1,232 @@
+"""Server processes for the benchmark: plain vLLM and `kvshield serve`, with identical vLLM arguments.
+
+    plain:     python -m vllm.entrypoints.openai.api_server ARGS
+    shielded:  python -m vllm_kvshield.cli serve --mode MODE --log-file LOG ARGS
+
+Each runs in its own session. A sampler thread follows the process tree (psutil) every
+SAMPLE_S: the sum of its processes' RSS (peak kept), when vLLM's server process appeared
+(for `kvshield serve`, the end of its own checks), and whether the tree started a Ray cluster.
+"""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import psutil
+
+from ..default_model import MODEL_NAME
+from ..launch import SERVER_MODULE
+from ..serve import ACTIVE_LINE
+from .settings import Settings
+
+SAMPLE_S = 0.2
+HEALTH_TIMEOUT_S = 2.0
+READY_TIMEOUT_S = 1800.0
+STOP_GRACE_S = 60.0
+KV_CAPACITY_LINE = re.compile(r"KV cache size: (?P<tokens>[\d,]+) tokens")
+READY_LINE = re.compile(r"kvshield: ready at \S+ \(mode=(?P<mode>[^,]+), key fingerprint (?P<fingerprint>[0-9a-f]+)\)")
+HOST = "127.0.0.1"
+KINDS = ("plain", "shielded")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def vllm_args(model: str, settings: Settings, port: int | str) -> list[str]:
+    """The vLLM server arguments both kinds get."""
+    args = [
+        "--model", model,
+        "--served-model-name", MODEL_NAME,
+        "--host", HOST,
+        "--port", str(port),
+        "--dtype", settings.dtype,
+        "--max-model-len", str(settings.max_model_len),
+        "--kv-cache-memory-bytes", str(settings.kv_cache_memory_bytes),
+        "--seed", str(settings.seed),
+    ]
+    return args + (["--enforce-eager"] if settings.enforce_eager else [])
+
+
+def command(kind: str, args: list[str], mode: str, log_path: str) -> list[str]:
+    if kind == "plain":
+        return [sys.executable, "-m", SERVER_MODULE, *args]
+    assert kind == "shielded", f"unknown server kind {kind!r}"
+    return [sys.executable, "-m", "vllm_kvshield.cli", "serve", "--mode", mode, "--log-file", log_path, *args]
+
+
+class ServerFailed(RuntimeError):
+    """A benchmark server did not start (or started without the expected shield state)."""
+
+
+@dataclass
+class Sample:
+    peak_rss: int = 0
+    server_seen_s: float | None = None  # when vLLM's server process first appeared, since start
+
+
+class ServerProcess:
+    """One server started now; ready(), then stop(). Times are seconds since the Popen call."""
+
+    def __init__(self, kind: str, model: str, settings: Settings, log_dir: str, tag: str):
+        self.kind = kind
+        self.port = free_port()
+        self.log_path = os.path.join(log_dir, f"{tag}-{kind}.log")
+        self.base_url = f"http://{HOST}:{self.port}"
+        self.mode = settings.server_mode
+        self.command = command(kind, vllm_args(model, settings, self.port), self.mode, self.log_path)
+        self.ready_line: str | None = None
+        self.ready_line_s: float | None = None
+        self.sample = Sample()
+        self.seen: dict[int, psutil.Process] = {}
+        self._stopping = threading.Event()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["RAY_ADDRESS"] = "local"  # a shielded server starts its own Ray, as on a machine of its own
+        self._out = open(self.log_path if kind == "plain" else self.log_path + ".launcher", "w", encoding="utf-8")
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if kind == "shielded" else self._out,
+            stderr=self._out,
+            env=env,
+            start_new_session=True,
+        )
+        self.root = psutil.Process(self.proc.pid)
+        self.seen[self.proc.pid] = self.root
+        self._threads = [threading.Thread(target=self._sample, daemon=True)]
+        if kind == "shielded":
+            self._threads.append(threading.Thread(target=self._read_stdout, daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _read_stdout(self) -> None:
+        for raw in iter(self.proc.stdout.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            self._out.write(line + "\n")
+            if self.ready_line is None and READY_LINE.search(line):
+                self.ready_line_s = self.elapsed()
+                self.ready_line = line
+
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            children = self.root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        for c in children:
+            self.seen.setdefault(c.pid, c)
+        return [self.root, *children]
+
+    def _sample(self) -> None:
+        while not self._stopping.is_set() and self.proc.poll() is None:
+            rss = 0
+            for p in self._tree():
+                try:
+                    rss += p.memory_info().rss
+                    if self.sample.server_seen_s is None and SERVER_MODULE in " ".join(p.cmdline()):
+                        self.sample.server_seen_s = self.elapsed()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+            self.sample.peak_rss = max(self.sample.peak_rss, rss)
+            time.sleep(SAMPLE_S)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base_url + "/health", timeout=HEALTH_TIMEOUT_S) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self) -> dict:
+        """Block until /health answers (and, shielded, the proven-ready line); the start's timings."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not self.healthy():
+            if self.proc.poll() is not None:
+                raise ServerFailed(f"kvshield: the {self.kind} server exited (code {self.proc.returncode}) while starting; log: {self.log_path}")
+            if time.monotonic() > deadline:
+                raise ServerFailed(f"kvshield: the {self.kind} server was not ready within {READY_TIMEOUT_S:.0f} s; log: {self.log_path}")
+            time.sleep(SAMPLE_S)
+        health_s = self.elapsed()
+        while self.kind == "shielded" and self.ready_line is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise ServerFailed(f"kvshield: `kvshield serve` never reported ready (code {self.proc.poll()}); log: {self.log_path}")
+            time.sleep(SAMPLE_S)
+        self._check_shield_state()
+        return {
+            "health_ready_s": health_s,
+            "proven_ready_s": self.ready_line_s if self.kind == "shielded" else health_s,
+            "vllm_server_started_s": self.sample.server_seen_s if self.kind == "shielded" else 0.0,
+            "peak_rss_bytes_at_ready": self.sample.peak_rss,
+            "started_own_ray": self.started_own_ray(),
+        }
+
+    def _check_shield_state(self) -> None:
+        log = self.read_log()
+        if self.kind == "shielded":
+            match = READY_LINE.search(self.ready_line or "")
+            if match is None or match["mode"] != self.mode:
+                raise ServerFailed(f"kvshield: the shielded server reports {self.ready_line!r}, mode {self.mode!r} expected")
+        elif ACTIVE_LINE.search(log):
+            raise ServerFailed(f"kvshield: the plain server logged 'shield active'; log: {self.log_path}")
+
+    def started_own_ray(self) -> bool:
+        return any(p.name().startswith("gcs_server") for p in self.seen.values() if _alive(p))
+
+    def read_log(self) -> str:
+        self._out.flush()
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def kv_capacity_tokens(self) -> int | None:
+        """The capacity vLLM logged ("... KV cache size: N tokens")."""
+        match = KV_CAPACITY_LINE.search(self.read_log())
+        return int(match["tokens"].replace(",", "")) if match else None
+
+    def stop(self) -> None:
+        """SIGTERM (a clean shutdown), then SIGKILL the session, then any process of the tree left behind."""
+        self._stopping.set()
+        self._tree()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        left = [p for p in self.seen.values() if _alive(p)]
+        for p in left:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=10)
+        for t in self._threads:
+            t.join(5)
+        self._out.close()
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,73 @@
+"""Start-up: time from process start to ready, and peak memory, plain vLLM vs `kvshield serve`;
+and the enclave's per-layer transform time.
+
+Ready means /health answers; for `kvshield serve` also "proven ready" (its workers' shield line
+checked, the moment it prints "kvshield: ready at"). Memory is the peak over the samples of the
+sum of RSS over the server's process tree (Ray's processes included when the server started Ray;
+shared pages count once per process, as RSS does).
+
+    server = ServerProcess("shielded", model, settings, log_dir, tag="round0")
+    record = measure(server)
+"""
+
+from . import machine, stats
+from .servers import ServerProcess
+
+
+def measure(server: ServerProcess, ray_clusters_before: int) -> dict:
+    """Wait for the server; its start-up record."""
+    record = server.wait_ready()
+    record["kv_capacity_tokens"] = server.kv_capacity_tokens()
+    record["ray_clusters_before_start"] = ray_clusters_before
+    return record
+
+
+def start(kind: str, model: str, settings, log_dir: str, tag: str) -> tuple[ServerProcess, dict]:
+    """Start one server and wait until it is ready: the process and its start-up record."""
+    before = machine.ray_clusters()
+    server = ServerProcess(kind, model, settings, log_dir, tag)
+    try:
+        return server, measure(server, before)
+    except BaseException:
+        server.stop()
+        raise
+
+
+FIGURES = ("health_ready_s", "proven_ready_s", "vllm_server_started_s", "peak_rss_bytes_at_ready", "peak_rss_bytes")
+
+
+def summarize(records: dict[str, list[dict]]) -> dict:
+    """Per kind: medians over starts; overheads of shielded over plain."""
+    out = {}
+    for kind, runs in records.items():
+        out[kind] = {key: stats.median([r[key] for r in runs]) for key in FIGURES}
+        out[kind]["runs"] = len(runs)
+        out[kind]["health_ready_s_all"] = [r["health_ready_s"] for r in runs]
+        out[kind]["started_own_ray"] = [r["started_own_ray"] for r in runs]
+        out[kind]["ray_clusters_before_start"] = [r["ray_clusters_before_start"] for r in runs]
+    if "plain" in out and "shielded" in out:
+        plain, shielded = out["plain"], out["shielded"]
+        out["overhead"] = {
+            "health_ready": shielded["health_ready_s"] / plain["health_ready_s"] - 1.0,
+            "proven_ready": shielded["proven_ready_s"] / plain["proven_ready_s"] - 1.0,
+            # the vLLM server alone: without `kvshield serve`'s checks before it starts vLLM
+            "vllm_server_only": (shielded["health_ready_s"] - shielded["vllm_server_started_s"]) / plain["health_ready_s"] - 1.0,
+            "peak_rss": shielded["peak_rss_bytes"] / plain["peak_rss_bytes"] - 1.0,
+            "peak_rss_at_ready": shielded["peak_rss_bytes_at_ready"] / plain["peak_rss_bytes_at_ready"] - 1.0,
+        }
+    return out
+
+
+def enclave_transforms(infos: dict[str, dict]) -> dict:
+    """Per shielded mode: the enclave's per-layer transform seconds (median, max, total over layers)."""
+    out = {}
+    for mode, info in infos.items():
+        seconds = info["transform_seconds"]
+        out[mode] = {
+            "layers": len(seconds),
+            "per_layer_median_s": stats.median(seconds),
+            "per_layer_max_s": max(seconds),
+            "total_s": sum(seconds),
+            "bytes_transformed": info["bytes_transformed"],
+        }
+    return out
