@@ -35,6 +35,7 @@ class Enclave:
         self._mode = mode
         self._fingerprint = transforms.fingerprint(self._key)
         self._layers = 0
+        self._calls_per_layer: dict[int, int] = {}  # layer -> transforms served (one per worker holding it)
         self._bytes = 0
         self._seconds: list[float] = []
 
@@ -42,11 +43,14 @@ class Enclave:
         return f"Enclave(mode={self._mode!r}, fingerprint={self._fingerprint!r})"
 
     def info(self) -> dict:
-        """Public facts for logs and metrics: mode, key fingerprint, counters."""
+        """Public facts for logs and metrics: mode, key fingerprint, counters, this actor's Ray id and node."""
         return {
             "mode": self._mode,
             "fingerprint": self._fingerprint,
             "layers_transformed": self._layers,
+            "transforms_per_layer": dict(self._calls_per_layer),
+            "actor_id": ray.get_runtime_context().get_actor_id(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "bytes_transformed": self._bytes,
             "transform_seconds": list(self._seconds),
         }
@@ -56,6 +60,7 @@ class Enclave:
         out, material = transforms.shield_layer(self._key, layer, shape, self._mode, tensors, dtype)
         self._seconds.append(time.perf_counter() - t0)
         self._layers += 1
+        self._calls_per_layer[layer] = self._calls_per_layer.get(layer, 0) + 1
         self._bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         return out, material
 
@@ -77,8 +82,15 @@ def _check_reachable(address: str) -> None:
         raise ShieldError(f"kvshield: ray_address {address!r} is unreachable ({e}); refusing to start unshielded") from None
 
 
-def init_ray(address: str | None) -> None:
-    """Use the process's Ray if any, else join `address`, else join or start a local Ray."""
+def init_ray(address: str | None, deployment: str) -> None:
+    """Use the process's Ray if any, else join `address`, else the local Ray this deployment's first worker reached.
+
+    Workers that are Ray actors (vLLM's Ray executor) already run in the executor's Ray.
+    Otherwise the first worker of a server joins the running local Ray (or, with address
+    None, starts one) and records that Ray's address; every later worker of the server
+    must reach the same Ray, so that all of them find the one enclave (with several local
+    Rays, Ray's "auto" may pick any: then the server refuses and asks for ray_address).
+    """
     if ray.is_initialized():
         return
     kwargs = dict(namespace=NAMESPACE, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -86,21 +98,37 @@ def init_ray(address: str | None) -> None:
         _check_reachable(address)
         ray.init(address=address, **kwargs)
         return
-    # Several workers of one server may get here at once: one starts Ray, the others join it.
+    first_path = os.path.join(tempfile.gettempdir(), f"{deployment}.ray-address")
     lock_path = os.path.join(tempfile.gettempdir(), "kvshield-ray-init.lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        first = None
+        if os.path.exists(first_path):
+            with open(first_path) as f:
+                first = f.read()
         try:
             ray.init(address="auto", **kwargs)
         except ConnectionError:
             if address == "auto":
                 raise ShieldError("kvshield: ray_address 'auto' found no running Ray cluster") from None
+            if first is not None:
+                raise ShieldError(f"kvshield: the Ray at {first} this server's first worker used is gone") from None
             ray.init(**kwargs)
+        reached = ray.get_runtime_context().gcs_address
+        if first is None:
+            with open(first_path, "w") as f:
+                f.write(reached)
+        elif reached != first:
+            ray.shutdown()
+            raise ShieldError(
+                f"kvshield: this server's workers reached different local Ray clusters ({first}, {reached}); "
+                "set ray_address to the one the enclave should live in"
+            )
 
 
 def connect(cfg: ShieldConfig, name: str):
     """The server's enclave actor, created by the first worker that asks; its key fingerprint checked."""
-    init_ray(cfg.ray_address)
+    init_ray(cfg.ray_address, name)
     options = dict(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=0)
     if cfg.enclave_resources:
         options["resources"] = dict(cfg.enclave_resources)

@@ -116,13 +116,16 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
         self.shield = shield
         self.enclave_name = enclave.enclave_name(vllm_config) if shield else None
+        # Held for the model's life: Ray ends a non-detached actor once no handle to it is
+        # left, so a worker dropping it after load would kill the enclave under a slower worker.
+        self.enclave_handle = None
         self.shielded_layers: set[int] = set()
         self._dtype = vllm_config.model_config.dtype
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if self.shield is None:
             return super().load_weights(weights)
-        handle = enclave.connect(self.shield, self.enclave_name)
+        handle = self.enclave_handle = enclave.connect(self.shield, self.enclave_name)
         self.shielded_layers = set()
         loaded = super().load_weights(self._through_enclave(weights, handle))
         local = set(range(self.model.start_layer, self.model.end_layer))
