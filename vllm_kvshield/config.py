@@ -28,7 +28,7 @@ class ShieldError(RuntimeError):
 class ShieldConfig:
     mode: str = DEFAULT_MODE
     key_file: str | None = None  # None: a fresh random key per start
-    ray_address: str | None = None  # None: join the local Ray, or start one
+    ray_address: str | None = None  # None: RAY_ADDRESS if set, else a private local Ray per server; "auto": the running cluster
     enclave_resources: dict[str, float] | None = None  # Ray custom resources that pin the enclave actor
 
     def __post_init__(self):

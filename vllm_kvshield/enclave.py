@@ -9,7 +9,10 @@ layer needs. No method returns the key; it exposes a fingerprint and counters.
     tensors, material = transform(handle, layer, shape, tensors, torch.bfloat16)
 """
 
+import atexit
+import contextlib
 import fcntl
+import json
 import os
 import socket
 import tempfile
@@ -83,47 +86,69 @@ def _check_reachable(address: str) -> None:
 
 
 def init_ray(address: str | None, deployment: str) -> None:
-    """Use the process's Ray if any, else join `address`, else the local Ray this deployment's first worker reached.
+    """Use the process's Ray if any, else join `address`, else this server's private local Ray.
 
     Workers that are Ray actors (vLLM's Ray executor) already run in the executor's Ray.
-    Otherwise the first worker of a server joins the running local Ray (or, with address
-    None, starts one) and records that Ray's address; every later worker of the server
-    must reach the same Ray, so that all of them find the one enclave (with several local
-    Rays, Ray's "auto" may pick any: then the server refuses and asks for ray_address).
+    An explicit address (the config's ray_address, else RAY_ADDRESS) is joined; "auto" joins
+    the machine's running cluster or refuses. Without one (or with "local") the server gets a
+    Ray of its own: the first worker starts it and records its address in
+    `$TMPDIR/<deployment>.ray-address`, and the server's other workers join that one. Never
+    Ray's implicit "auto": a Ray started by another process dies with that process and takes
+    every driver that joined it along.
     """
     if ray.is_initialized():
         return
     kwargs = dict(namespace=NAMESPACE, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    if address is not None and address != "auto":
-        _check_reachable(address)
-        ray.init(address=address, **kwargs)
-        return
-    first_path = os.path.join(tempfile.gettempdir(), f"{deployment}.ray-address")
-    lock_path = os.path.join(tempfile.gettempdir(), "kvshield-ray-init.lock")
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        first = None
-        if os.path.exists(first_path):
-            with open(first_path) as f:
-                first = f.read()
+    address = address if address is not None else (os.environ.get("RAY_ADDRESS") or None)
+    if address == "auto":
         try:
             ray.init(address="auto", **kwargs)
         except ConnectionError:
-            if address == "auto":
-                raise ShieldError("kvshield: ray_address 'auto' found no running Ray cluster") from None
-            if first is not None:
-                raise ShieldError(f"kvshield: the Ray at {first} this server's first worker used is gone") from None
-            ray.init(**kwargs)
-        reached = ray.get_runtime_context().gcs_address
-        if first is None:
-            with open(first_path, "w") as f:
-                f.write(reached)
-        elif reached != first:
-            ray.shutdown()
-            raise ShieldError(
-                f"kvshield: this server's workers reached different local Ray clusters ({first}, {reached}); "
-                "set ray_address to the one the enclave should live in"
-            )
+            raise ShieldError("kvshield: ray_address 'auto' found no running Ray cluster") from None
+        return
+    if address is not None and address != "local":
+        _check_reachable(address)
+        ray.init(address=address, **kwargs)
+        return
+    record = address_file(deployment)
+    with open(record + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(record):
+            with open(record) as f:
+                first = json.load(f)
+            try:
+                _check_reachable(first["address"])
+            except ShieldError:
+                raise ShieldError(f"kvshield: the Ray at {first['address']} this server's first worker started is gone") from None
+            if first["auth_mode"] == "token":
+                _enable_token_auth()
+            ray.init(address=first["address"], **kwargs)
+            return
+        ray.init(address="local", **kwargs)
+        with open(record, "w") as f:
+            json.dump({"address": ray.get_runtime_context().gcs_address, "auth_mode": os.environ.get("RAY_AUTH_MODE")}, f)
+        atexit.register(_remove, record, record + ".lock")
+
+
+def _enable_token_auth() -> None:
+    """A new local Ray turns token auth on (its token in ~/.ray/auth_token); join it the way Ray
+    joins a local cluster it found itself. Ray reads RAY_AUTH_MODE once at import, so setting the
+    variable alone is not enough (Ray 2.60)."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    if not maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+        raise ShieldError("kvshield: this server's Ray uses token authentication, but no Ray token is readable here")
+
+
+def address_file(deployment: str) -> str:
+    """Where a server's first worker records the address of the Ray it started."""
+    return os.path.join(tempfile.gettempdir(), f"{deployment}.ray-address")
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def connect(cfg: ShieldConfig, name: str):

@@ -1,0 +1,103 @@
+"""The enclave actor and the Ray it lives in, without vLLM: processes stand in for a server's workers."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time
+    import ray
+    from vllm_kvshield import enclave
+    from vllm_kvshield.config import ShieldConfig
+
+    handle = enclave.connect(ShieldConfig(mode="permute"), sys.argv[1])
+    print("RAY", ray.get_runtime_context().gcs_address, flush=True)
+    print("ACTOR", enclave.call(handle, "info")["actor_id"], flush=True)
+    time.sleep(float(sys.argv[2]))
+    """
+)
+
+
+def start_worker(deployment: str, linger_s: float) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, deployment, str(linger_s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def facts(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    return dict(line.split(" ", 1) for line in out.splitlines() if line.startswith(("RAY ", "ACTOR ")))
+
+
+def test_each_server_gets_a_private_ray_shared_by_its_workers():
+    """Two workers of one server reach one Ray and one enclave; another server gets its own Ray.
+
+    A Ray started by a process dies with it, and Ray kills every driver that joined it: a server
+    must never join another server's Ray by accident.
+    """
+    from vllm_kvshield import enclave
+
+    server_a, server_b = f"kvshield-enclave-test-{uuid.uuid4().hex}", f"kvshield-enclave-test-{uuid.uuid4().hex}"
+    first = start_worker(server_a, linger_s=20)
+    deadline = time.time() + 120
+    while not os.path.exists(enclave.address_file(server_a)):
+        assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.5)
+    second, other = start_worker(server_a, linger_s=0), start_worker(server_b, linger_s=0)
+    a2, b = facts(second), facts(other)
+    a1 = facts(first)
+    assert a1 == a2, (a1, a2)
+    assert b["RAY"] != a1["RAY"], (a1, b)
+    assert not os.path.exists(enclave.address_file(server_a)), "the first worker leaves its record behind"
+
+
+def test_a_server_whose_ray_is_gone_refuses(tmp_path, monkeypatch):
+    """A later worker that finds its server's Ray gone refuses instead of starting a Ray (and key) of its own."""
+    from vllm_kvshield import enclave
+    from vllm_kvshield.config import ShieldError
+
+    deployment = f"kvshield-enclave-test-{uuid.uuid4().hex}"
+    monkeypatch.setattr(enclave.tempfile, "gettempdir", lambda: str(tmp_path))
+    with open(enclave.address_file(deployment), "w") as f:
+        f.write('{"address": "127.0.0.1:9", "auth_mode": "token"}')
+    with pytest.raises(ShieldError, match=r"the Ray at 127\.0\.0\.1:9 this server's first worker started is gone"):
+        enclave.init_ray(None, deployment)
+
+
+@pytest.mark.parametrize("address", ["nohost", "127.0.0.1:x", "ray://127.0.0.1"])
+def test_malformed_ray_address_is_named(address):
+    from vllm_kvshield import enclave
+    from vllm_kvshield.config import ShieldError
+
+    with pytest.raises(ShieldError, match=f"ray_address {address!r} is not host:port"):
+        enclave.init_ray(address, "kvshield-enclave-unused")
+
+
+def test_enclave_exposes_no_key_material(tmp_path):
+    """info() and repr() carry the fingerprint and counters, never the key or a value derived from it but the fingerprint."""
+    import torch
+
+    from vllm_kvshield import transforms
+    from vllm_kvshield.enclave import Enclave
+
+    key = bytes(range(100, 132))
+    path = tmp_path / "k.key"
+    path.write_bytes(key)
+    path.chmod(0o600)
+    actor = Enclave("mix", str(path))
+    shape = transforms.AttentionShape(num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32)
+    tensors = {name: torch.randn(size) for name, size in transforms.expected_shapes(shape).items() if "weight" in name}
+    actor.transform(0, shape, tensors, torch.float32)
+    text = repr(actor) + repr({k: v for k, v in vars(actor).items() if k != "_key"})
+    for form in (key.hex(), key.hex().upper(), __import__("base64").b64encode(key).decode(), str(list(key))):
+        assert form not in text
+    assert transforms.fingerprint(key) in text
+    assert not any(name for name in dir(actor) if "key" in name.lower() and not name.startswith("_")), dir(actor)
