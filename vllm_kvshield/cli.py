@@ -4,6 +4,7 @@
     kvshield keygen --out /etc/kvshield.key  # mode 0600, prints the key fingerprint
     kvshield serve [MODEL] [--mode MODE] [--key-file FILE] [--ray-address ADDR] [vllm serve arguments...]
     kvshield bench [--quick] [--modes none,permute,mix-v,mix] [--out DIR]   # benchmarks (vllm_kvshield.bench)
+    kvshield attack [--modes none,permute,mix-v,mix] [--prompts FILE] --out DIR  # attacks (vllm_kvshield.attack)
 
 Refusals are one line on stderr starting with "kvshield: " and a non-zero exit code.
 """
@@ -59,7 +60,7 @@ def serve_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--mode", help=f"shield mode: {', '.join(MODES)} (default {DEFAULT_MODE})")
     parser.add_argument("--key-file", help="key file from `kvshield keygen` (default: a fresh random key per start)")
-    parser.add_argument("--ray-address", help="Ray cluster for the enclave actor (default: join or start a local Ray)")
+    parser.add_argument("--ray-address", help="Ray cluster for the enclave actor (default: a private local Ray per server; auto: the running local cluster)")
     parser.add_argument(
         "--ready-timeout", type=float, default=1800.0, help="seconds to wait for the server to be ready (default 1800)"
     )
@@ -85,12 +86,13 @@ class UserError(Exception):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="kvshield", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{model-path,keygen,serve,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{model-path,keygen,serve,bench,attack}")
     commands.add_parser("model-path", help="prepare the default model if needed; print its folder")
     keygen = commands.add_parser("keygen", help="write a new key file (mode 0600); print its fingerprint")
     keygen.add_argument("--out", required=True, help="the key file to create (never overwritten)")
     commands.add_parser("serve", help="serve a model with the shield on (kvshield serve --help)", add_help=False)
     commands.add_parser("bench", help="benchmark the shield against plain vLLM (kvshield bench --help)", add_help=False)
+    commands.add_parser("attack", help="recover prompts from vLLM's KV cache, per mode (kvshield attack --help)", add_help=False)
 
     from .config import ShieldConfigError, ShieldError
     from .launch import LaunchError
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             from .bench.cli import main as bench_main
 
             return bench_main(argv[1:])
+        if argv[:1] == ["attack"]:
+            from .attack.cli import main as attack_main
+
+            return attack_main(argv[1:])
         args = parser.parse_args(argv)
         return {"model-path": model_path_command, "keygen": keygen_command}[args.command](args)
     except (UserError, LaunchError, ShieldConfigError, ShieldError) as e:

@@ -1,0 +1,80 @@
+"""Glue to the real engine: start vLLM in a mode, prove the shield's state, read a request's cache blocks.
+
+    llm = open_engine(model, "mix", dtype="bfloat16")
+    require_shield(llm, "mix")                          # raises if the worker's model is not shielded in that mode
+    obs = observe(llm, tokens, layers=(0, 15))          # K/V read from vLLM's cache tensors via the block table
+    k_rel, v_rel = plain_mismatch(public, obs, tokens)  # relative distance to plain layer-0 K/V
+    close_engine(llm)
+
+Mode "none" is the plugin installed without the flag (vLLM's own Llama behaviour).
+"""
+
+import os
+
+import torch
+
+from vllm_kvshield import kvcache
+from vllm_kvshield.model import shield_status
+from vllm_kvshield.transforms import MODES
+
+from .observation import Observation
+from .public_model import PublicModel
+
+ATTACK_MODES = ("none", *MODES)
+ENGINE_OPTIONS = dict(enforce_eager=True, kv_cache_memory_bytes=256 << 20, max_model_len=1024, seed=0)
+PLAIN_MATCH = 0.05  # relative L2 distance under which a cached layer-0 K/V counts as plain (bf16: ~0.005)
+
+
+class ShieldStateError(RuntimeError):
+    """The engine's shield is not in the state the mode asks for (e.g. silently off)."""
+
+
+def open_engine(model: str, mode: str, dtype: str, **options):
+    """A vllm.LLM serving `model` in `mode` (apply_model needs VLLM_ALLOW_INSECURE_SERIALIZATION, set here)."""
+    if mode not in ATTACK_MODES:
+        raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(ATTACK_MODES)}")
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    from vllm import LLM
+
+    extra = {} if mode == "none" else {"kvshield": {"mode": mode}}
+    return LLM(model, dtype=dtype, additional_config=extra, **{**ENGINE_OPTIONS, **options})
+
+
+def close_engine(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+
+
+def require_shield(llm, mode: str) -> dict:
+    """The worker's shield status; raises ShieldStateError unless it is off for "none", on in `mode` otherwise."""
+    status = llm.apply_model(shield_status)[0]
+    expected_on = mode != "none"
+    if status["enabled"] != expected_on or (expected_on and (status["mode"] != mode or status["layers_shielded"] == 0)):
+        raise ShieldStateError(f"kvshield attack: mode {mode!r} asked, but the worker reports {status}")
+    return status
+
+
+def observe(llm, tokens: list[int], layers: tuple[int, ...]) -> Observation:
+    """Prefill `tokens` and read their K/V at `layers` from the engine's cache tensors."""
+    k, v = kvcache.prompt_kv(llm, tokens, list(layers))
+    if k.shape[1] != len(tokens):
+        raise RuntimeError(f"read {k.shape[1]} positions from the cache for a {len(tokens)}-token request")
+    return Observation(tuple(layers), k, v)
+
+
+def plain_mismatch(public: PublicModel, obs: Observation, tokens: list[int]) -> tuple[float, float]:
+    """Relative L2 distance of the cached layer-0 K and V to what plain vLLM caches for these tokens."""
+    ids = torch.tensor(tokens)
+    k, v = obs.at(0)
+    plain_k = public.rotate(public.layer0_k[ids], obs.positions)
+    plain_v = public.layer0_v[ids]
+    return float((k - plain_k).norm() / plain_k.norm()), float((v - plain_v).norm() / plain_v.norm())
+
+
+def require_cache_state(mode: str, mismatch: tuple[float, float]) -> None:
+    """Plain mode must read back plain K/V (the decoder is right); a shielded mode must not (the shield is on)."""
+    k_rel, v_rel = mismatch
+    plain = k_rel < PLAIN_MATCH and v_rel < PLAIN_MATCH
+    if mode == "none" and not plain:
+        raise ShieldStateError(f"kvshield attack: plain engine's cache differs from plain K/V (relative K {k_rel:.3g}, V {v_rel:.3g}): decoder or model mismatch")
+    if mode != "none" and (k_rel < PLAIN_MATCH or v_rel < PLAIN_MATCH):
+        raise ShieldStateError(f"kvshield attack: mode {mode!r} caches plain K or V (relative K {k_rel:.3g}, V {v_rel:.3g}): the shield is off")
