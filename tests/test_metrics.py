@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -278,7 +279,7 @@ GONE_WARNING = re.compile(r"WARNING .*kvshield: the enclave actor '[^']+' is gon
 
 
 def test_server_keeps_serving_when_the_enclave_dies_later(shielded, plain):
-    """Last: kills the shared server's enclave actor."""
+    """Last: kills the shared server's enclave actor, then stops the server."""
     assert killed_layers(run_killer("now", shielded.tmpdir)) > 0
     deadline = time.monotonic() + WARNING_WAIT_S
     while not GONE_WARNING.search(shielded.log.read_text()) and time.monotonic() < deadline:
@@ -293,3 +294,8 @@ def test_server_keeps_serving_when_the_enclave_dies_later(shielded, plain):
     warnings = GONE_WARNING.findall(shielded.log.read_text())
     assert len(warnings) == 1, warnings
     assert shielded.process.proc.poll() is None, "the server stopped"
+
+    # the API server joined the enclave's Ray for its metrics: Ctrl-C still stops everything cleanly
+    shielded.process.proc.send_signal(signal.SIGINT)
+    assert shielded.process.finish() == 0, shielded.process.stderr[-10:]
+    assert shielded.process.survivors() == []
