@@ -101,3 +101,21 @@ def test_enclave_exposes_no_key_material(tmp_path):
         assert form not in text
     assert transforms.fingerprint(key) in text
     assert not any(name for name in dir(actor) if "key" in name.lower() and not name.startswith("_")), dir(actor)
+
+
+def test_records_of_gone_servers_are_swept(tmp_path, monkeypatch):
+    """vLLM ends workers without atexit: a new server removes the records whose Ray no longer answers, and only those."""
+    import json
+    import socket
+
+    from vllm_kvshield import enclave
+
+    monkeypatch.setattr(enclave.tempfile, "gettempdir", lambda: str(tmp_path))
+    with socket.create_server(("127.0.0.1", 0)) as live:
+        records = {}
+        for name, address in (("gone", "127.0.0.1:9"), ("live", f"127.0.0.1:{live.getsockname()[1]}"), ("torn", None)):
+            records[name] = enclave.address_file(f"kvshield-enclave-{name}")
+            with open(records[name], "w") as f:
+                f.write(json.dumps({"address": address, "auth_mode": "token"}) if address else '{"addr')
+        enclave._sweep_stale_records()
+    assert [n for n, path in records.items() if os.path.exists(path)] == ["live"]

@@ -12,6 +12,7 @@ layer needs. No method returns the key; it exposes a fingerprint and counters.
 import atexit
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import socket
@@ -124,9 +125,11 @@ def init_ray(address: str | None, deployment: str) -> None:
                 _enable_token_auth()
             ray.init(address=first["address"], **kwargs)
             return
+        _sweep_stale_records()
         ray.init(address="local", **kwargs)
-        with open(record, "w") as f:
+        with open(record + ".tmp", "w") as f:  # renamed into place whole: the sweep never sees half a record
             json.dump({"address": ray.get_runtime_context().gcs_address, "auth_mode": os.environ.get("RAY_AUTH_MODE")}, f)
+        os.replace(record + ".tmp", record)
         atexit.register(_remove, record, record + ".lock")
 
 
@@ -143,6 +146,16 @@ def _enable_token_auth() -> None:
 def address_file(deployment: str) -> str:
     """Where a server's first worker records the address of the Ray it started."""
     return os.path.join(tempfile.gettempdir(), f"{deployment}.ray-address")
+
+
+def _sweep_stale_records() -> None:
+    """Remove the records of servers whose private Ray is gone (vLLM ends its workers without atexit)."""
+    for record in glob.glob(address_file("kvshield-enclave-*")):
+        try:
+            with open(record) as f:
+                _check_reachable(json.load(f)["address"])
+        except (OSError, ValueError, KeyError, ShieldError):
+            _remove(record, record + ".lock")
 
 
 def _remove(*paths: str) -> None:
