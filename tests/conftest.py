@@ -6,6 +6,9 @@ import pytest
 
 # LLM.apply_model ships a function to the worker; vLLM pickles it only with this set.
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+# vLLM's CPU backend pins every engine's worker to the same core (core 0 of 2 here): with several
+# engines and servers alive, a new worker can starve for minutes. Tests never measure speed.
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 ENGINE_DEFAULTS = dict(
     max_model_len=1024,

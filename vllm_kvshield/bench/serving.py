@@ -63,7 +63,7 @@ def run_load(base_url: str, tokenizer, requests: list, settings: Settings, log_f
         lora_modules=None,
         extra_headers=None,
         extra_body={"temperature": 1.0, "top_p": 1.0},
-        ready_check_timeout_sec=60,
+        ready_check_timeout_sec=600,  # the server already answered /health; a busy machine may still be slow
     )
     with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
         result = asyncio.run(coroutine)
