@@ -38,7 +38,6 @@ class Enclave:
         self._key = read_key_file(key_file) if key_file else transforms.new_key()
         self._mode = mode
         self._fingerprint = transforms.fingerprint(self._key)
-        self._layers = 0
         self._calls_per_layer: dict[int, int] = {}  # layer -> transforms served (one per worker holding it)
         self._bytes = 0
         self._seconds: list[float] = []
@@ -51,7 +50,7 @@ class Enclave:
         return {
             "mode": self._mode,
             "fingerprint": self._fingerprint,
-            "layers_transformed": self._layers,
+            "layers_transformed": sum(self._calls_per_layer.values()),
             "transforms_per_layer": dict(self._calls_per_layer),
             "actor_id": ray.get_runtime_context().get_actor_id(),
             "node_id": ray.get_runtime_context().get_node_id(),
@@ -63,7 +62,6 @@ class Enclave:
         t0 = time.perf_counter()
         out, material = transforms.shield_layer(self._key, layer, shape, self._mode, tensors, dtype)
         self._seconds.append(time.perf_counter() - t0)
-        self._layers += 1
         self._calls_per_layer[layer] = self._calls_per_layer.get(layer, 0) + 1
         self._bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         return out, material
