@@ -11,10 +11,11 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 
-from vllm_kvshield.bench import stats, throughput
+from vllm_kvshield.bench import machine, stats, throughput
 from vllm_kvshield.bench.cli import main
 from vllm_kvshield.bench.settings import PLAIN, PROFILES, parse_modes, parse_sections
 
@@ -75,7 +76,21 @@ def test_quick_profile_keeps_the_issues_shapes():
     quick = PROFILES["quick"]
     shapes = {(s.input_len, s.output_len) for s in quick.prompt_sets}
     assert {(128, 128), (512, 64)} <= shapes and any(s.kind == "chat" for s in quick.prompt_sets)
-    assert not quick.enforce_eager and quick.dtype == "bfloat16" and quick.repetitions >= 2
+    assert quick.dtype == "bfloat16" and quick.repetitions >= 2
+    assert not PROFILES["full"].enforce_eager  # the quotable profile measures vLLM's compiled default
+
+
+def test_foreign_load_counts_other_processes_not_ours():
+    """A busy process outside this tree is foreign load; a busy child of ours is not (same spinner, ~1 core)."""
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 4: pass\n"
+    orphan = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {spin!r}], start_new_session=True)"
+    with machine.ForeignLoad(sample_s=0.5) as foreign:
+        subprocess.run([sys.executable, "-c", orphan], check=True)  # exits at once; its busy child is reparented
+        time.sleep(3.8)
+    with machine.ForeignLoad(sample_s=0.5) as ours:
+        subprocess.run([sys.executable, "-c", spin], check=True)
+    # whatever else the machine runs shows in both windows alike
+    assert foreign.summary()["mean_cores"] - ours.summary()["mean_cores"] > 0.4, (foreign.samples, ours.samples)
 
 
 # --- one real smoke run --------------------------------------------------------------------------
@@ -135,6 +150,9 @@ def test_throughput_schema(smoke):
             assert sorted(x["mode"] for x in runs if x["round"] == r and x["set"] == name) == sorted(SMOKE_MODES)
     spec = {s["name"]: s for s in settings["prompt_sets"]}
     assert all(x["output_tokens"] == spec[x["set"]]["prompts"] * spec[x["set"]]["output_len"] for x in runs)
+    assert all(x["others_cpu_cores"] >= 0 for x in runs)
+    assert set(result["foreign_cpu_cores"]) == set(result["sections"])
+    assert all(f["samples"] >= 0 and f["mean_cores"] >= 0 for f in result["foreign_cpu_cores"].values())
 
 
 def test_quality_is_relative_to_plain(smoke):
@@ -171,7 +189,7 @@ def test_servers_enclave_and_ablation_schema(smoke, layers):
         assert serving[kind]["total_output_tokens"] == s["serving_requests"] * s["serving_output_len"]
     assert set(startup["overhead"]) >= {"health_ready", "peak_rss"}
     assert set(result["enclave_transform"]) == set(SMOKE_MODES) - {PLAIN}
-    assert set(result["idle_cpu_cores"]) == {*SMOKE_MODES, "bench Ray"}
+    assert set(result["idle_cpu_cores"]) == set(SMOKE_MODES)
     assert all(cores >= 0 for cores in result["idle_cpu_cores"].values())
     assert all(x["layers"] == layers for x in result["enclave_transform"].values())
     assert set(result["ablation"]) == {str(b) for b in s["ablation_batches"]}

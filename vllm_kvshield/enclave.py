@@ -146,6 +146,19 @@ def address_file(deployment: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"{deployment}.ray-address")
 
 
+def recorded_ray(deployment: str) -> tuple[str, str | None] | None:
+    """(address, auth mode) of the private Ray a server's first worker started, or None if it recorded none."""
+    record = address_file(deployment)
+    try:
+        with open(record) as f:
+            first = json.load(f)
+        return first["address"], first["auth_mode"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as e:
+        raise ShieldError(f"kvshield: cannot read the enclave's Ray address from {record}: {e}") from None
+
+
 def _sweep_stale_records() -> None:
     """Remove the records of servers whose private Ray is gone (vLLM ends its workers without atexit)."""
     for record in glob.glob(address_file("kvshield-enclave-*")):

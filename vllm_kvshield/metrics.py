@@ -15,7 +15,6 @@ once. Names avoid "vllm": vLLM's Prometheus logger unregisters collectors whose 
 No series carries key material: the key fingerprint is a hash.
 """
 
-import json
 import logging
 import os
 import signal
@@ -74,18 +73,12 @@ def enclave_ray_address(shield: ShieldConfig, name: str, executor_backend) -> tu
     address = shield.ray_address or os.environ.get("RAY_ADDRESS") or None
     if address is not None and address != "local":
         return address, None
-    record = enclave.address_file(name)
-    try:
-        with open(record) as f:
-            first = json.load(f)
-        return first["address"], first["auth_mode"]
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, KeyError) as e:
-        raise ShieldError(f"kvshield: cannot read the enclave's Ray address from {record}: {e}") from None
+    recorded = enclave.recorded_ray(name)
+    if recorded is not None:
+        return recorded
     if executor_backend == "ray":
         return "auto", None
-    raise ShieldError(f"kvshield: no record of the enclave's Ray at {record}")
+    raise ShieldError(f"kvshield: no record of the enclave's Ray at {enclave.address_file(name)}")
 
 
 def join_ray(address: str, auth_mode: str | None, name: str) -> None:

@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="small sets, 3 rounds, one server start each (< 10 min)")
+    size.add_argument("--quick", action="store_true", help="eager engines, small sets, 3 rounds, one server start each (< 10 min)")
     size.add_argument("--smoke", action="store_true", help="seconds-sized settings for the test suite (numbers meaningless)")
     p.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated, 'none' included (default {','.join(ALL_MODES)})")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")

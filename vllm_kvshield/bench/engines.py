@@ -1,11 +1,15 @@
-"""Offline engines: one vllm.LLM per mode, all alive in one process, their enclaves on the bench's own Ray.
+"""Offline engines: one vllm.LLM per mode, all alive in one process, each shielded one with its own Ray.
 
 Mode "none" is plain vLLM (the plugin installed, no flag); every other mode passes the flag.
-A shielded engine counts only once its enclave actor reports that mode and every layer
-transformed: a benchmark of an engine that silently ran unshielded would be meaningless.
+Each shielded engine's worker starts a private Ray for its enclave, as a server's does (a Ray
+shared by several engines' workers made their idle Ray threads spin in Ray 2.60 and slowed the
+other modes' runs). A shielded engine counts only once its enclave actor reports that mode and
+every layer transformed: a benchmark of an engine that silently ran unshielded would be meaningless.
 
-    with RayCluster(), OfflineEngines(model, settings, log) as engines:
+    with OfflineEngines(model, settings, log) as engines:
         engines.llms["mix"].generate(...)
+    with RayCluster():  # the ablation's actor
+        ...
 """
 
 import os
@@ -22,14 +26,10 @@ RAY_NAMESPACE = "kvshield-bench"
 
 
 class RayCluster:
-    """A fresh local Ray for the bench process; RAY_ADDRESS points the engines' enclaves at it.
-
-    vllm_kvshield.enclave otherwise joins whatever Ray runs on the machine, which may stop mid-run.
-    """
+    """A fresh local Ray for the bench process itself (the ablation's actor)."""
 
     def __enter__(self) -> "RayCluster":
         assert not ray.is_initialized(), "Ray already initialised in the bench process"
-        before = {p.pid for p in psutil.Process().children()}
         ray.init(
             address="local",
             namespace=RAY_NAMESPACE,
@@ -37,16 +37,9 @@ class RayCluster:
             configure_logging=False,
             log_to_driver=False,
         )
-        self._saved = os.environ.get("RAY_ADDRESS")
-        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        self.processes = [p for p in psutil.Process().children() if p.pid not in before]  # GCS, raylet, agents
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._saved is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = self._saved
         ray.shutdown()
 
 
@@ -70,13 +63,24 @@ def kv_capacity_tokens(llm) -> int:
 
 
 def enclave_info(llm) -> dict:
-    """The engine's enclave actor's info(): mode, fingerprint, layers, per-layer transform seconds."""
+    """The engine's enclave actor's info() (mode, fingerprint, layers, per-layer transform seconds),
+    asked through the private Ray its worker recorded; the bench process leaves that Ray afterwards."""
     name = enclave.enclave_name(llm.llm_engine.vllm_config)
+    recorded = enclave.recorded_ray(name)
+    if recorded is None:
+        raise ShieldError(f"kvshield: the engine recorded no Ray for enclave {name!r}: it is not shielded")
+    address, auth_mode = recorded
+    if auth_mode == "token":
+        enclave._enable_token_auth()
+    ray.init(address=address, namespace=enclave.NAMESPACE, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
     try:
         handle = ray.get_actor(name, namespace=enclave.NAMESPACE)
+        return enclave.call(handle, "info")
     except ValueError:
-        raise ShieldError(f"kvshield: no enclave actor {name!r} on the bench's Ray: the engine is not shielded") from None
-    return enclave.call(handle, "info")
+        raise ShieldError(f"kvshield: no enclave actor {name!r} in the engine's Ray: the engine is not shielded") from None
+    finally:
+        ray.shutdown()
 
 
 def tree_cpu_seconds(roots: list[psutil.Process]) -> float:
@@ -116,11 +120,13 @@ class OfflineEngines:
         self.start_seconds: dict[str, float] = {}
         self.kv_capacity: dict[str, int] = {}
         self.enclaves: dict[str, dict] = {}
-        self.processes: dict[str, list[psutil.Process]] = {}  # per mode: the engine's processes (EngineCore)
+        self.processes: dict[str, list[psutil.Process]] = {}  # per mode: the engine's processes (EngineCore, its Ray)
 
     def __enter__(self) -> "OfflineEngines":
         from vllm import LLM
 
+        self._saved_address = os.environ.get("RAY_ADDRESS")
+        os.environ["RAY_ADDRESS"] = "local"  # each shielded engine's worker starts its own Ray
         try:
             for mode in self.settings.modes:
                 self.log(f"starting the {mode!r} engine")
@@ -152,6 +158,10 @@ class OfflineEngines:
         for llm in self.llms.values():
             llm.llm_engine.engine_core.shutdown()
         self.llms.clear()
+        if self._saved_address is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = self._saved_address
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -85,6 +85,9 @@ def _setup(r: dict) -> list[str]:
     lines += [
         f"- CPU: {m['cpu_model']}, {m['cpu_cores']} cores ({m['cpu_threads']} threads); RAM {m['ram_bytes'] / GiB:.1f} GiB; {m['os']}",
         f"- Load average (1/5/15 min): {m['load_average']} at start, {m['load_average_end']} at end",
+        "- CPU used by other processes of the machine (not the bench's), mean / peak cores per section: "
+        + (", ".join(f"{name} {f['mean_cores']:.2f} / {f['max_cores']:.2f}" for name, f in r.get("foreign_cpu_cores", {}).items())
+           or "not measured"),
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
         f"- Model: {r['model']['name']} (bf16 checkpoint at `{r['model']['path']}`)",
         "",
@@ -112,7 +115,7 @@ def _throughput(r: dict) -> list[str]:
         "",
         f"`vllm.LLM.generate` (vLLM's offline path, sampling as in vLLM's throughput benchmark, `ignore_eos`), "
         f"{'eager' if s['enforce_eager'] else 'compiled (vLLM default)'}, {s['dtype']}, "
-        f"kv_cache_memory_bytes={s['kv_cache_memory_bytes']}. Sets: {sets}. All engines alive in one process; "
+        f"kv_cache_memory_bytes={s['kv_cache_memory_bytes']}. Sets: {sets}. All engines alive in one process, each shielded one with its own Ray; "
         f"one untimed warm-up pass, then {s['repetitions']} rounds, each running every set on every mode with the mode "
         "order rotated per round. tokens/s = (prompt + output tokens) / seconds, all sets of a round together; "
         "the ratio is per round against that round's `none` run, median and [min, max] over rounds.",
@@ -122,8 +125,10 @@ def _throughput(r: dict) -> list[str]:
     for mode, x in tp.items():
         sp = x["ratio_spread"]
         rows.append([mode, f"{x['tokens_per_s']:.1f}", f"{x['output_tokens_per_s']:.1f}", f"{x['ratio_to_none']:.4f}",
-                     f"[{sp['min']:.4f}, {sp['max']:.4f}]", f"[{sp['q1']:.4f}, {sp['q3']:.4f}]", x["runs"]])
-    lines += _table(["mode", "tokens/s", "output tokens/s", "ratio to none", "ratio min-max", "ratio IQR", "rounds"], rows)
+                     f"[{sp['min']:.4f}, {sp['max']:.4f}]", f"[{sp['q1']:.4f}, {sp['q3']:.4f}]", x["runs"],
+                     f"{x.get('others_cpu_cores', 0.0):.3f}"])
+    lines += _table(["mode", "tokens/s", "output tokens/s", "ratio to none", "ratio min-max", "ratio IQR", "rounds",
+                     "others' CPU during its runs (cores)"], rows)
     set_names = list(next(iter(tp.values()))["by_set"])
     rows = [[mode] + [f"{x['by_set'][n]['ratio_to_none']:.4f} ({x['by_set'][n]['tokens_per_s']:.0f} tok/s)" for n in set_names]
             for mode, x in tp.items()]
@@ -201,10 +206,12 @@ def _enclave(r: dict) -> list[str]:
     idle = r.get("idle_cpu_cores") or {}
     if idle:
         lines += [
-            f"CPU used while idle (all engines started, no request; {r['settings']['idle_seconds']:.0f} s window), "
-            "in cores: each engine's processes (EngineCore and its worker, including the worker's Ray connection "
-            "when shielded), and the bench's Ray (GCS, raylet, enclave actors). In the offline rounds this "
-            "background load falls on every mode alike; the servers, started one at a time, carry their own.",
+            f"CPU used while idle (after the timed rounds, no request; {r['settings']['idle_seconds']:.0f} s window), "
+            "in cores: each engine's processes (EngineCore and its worker; when shielded, also the private Ray "
+            "the worker started: GCS, raylet, the enclave actor). A mode's timed runs are slowed by the others' "
+            "idle load, not its own, so uneven idle load would bias the ratios: the throughput table gives the CPU "
+            "the other engines actually used during each mode's runs. The servers, started one at a time, carry "
+            "their own.",
             "",
         ]
         lines += _table(["processes", "idle CPU (cores)"], [[name, f"{cores:.3f}"] for name, cores in idle.items()])

@@ -1,8 +1,8 @@
 """One benchmark run, section by section, into one result dict (the content of bench.json).
 
-Order: the offline engines (throughput, quality, KV capacity, enclave timings, plain decode step)
-and then the ablation share the bench's own Ray; the servers run last, after that Ray is gone,
-so a shielded server starts its own Ray as on a machine of its own.
+Order: the offline engines (throughput, quality, KV capacity, enclave timings, plain decode step),
+each shielded one with its own Ray; the ablation, its actor in the bench's own Ray; the servers
+last, one at a time, each shielded server starting its own Ray as on a machine of its own.
 
     result = run_all(profile("quick"), argv=["--quick"], log=print)
 """
@@ -26,20 +26,20 @@ from .servers import KINDS, command, vllm_args
 from .settings import PLAIN, Settings
 
 SCHEMA_VERSION = 1
-QUIET_LOAD = 2.5  # 1-minute load average above which timings are marked preliminary
+QUIET_FOREIGN_CORES = 0.2  # CPU used by other processes of the machine above which timings are marked preliminary
 THROUGHPUT_TARGETS = {"permute": 0.99, "mix-v": 0.99, "mix": 0.97}
 STARTUP_OVERHEAD_TARGET = 0.15
 
 
-RAY_GROUP = "bench Ray"
 
-
-def run_offline(model: str, tokenizer, settings: Settings, ray_cluster: RayCluster, log) -> dict:
+def run_offline(model: str, tokenizer, settings: Settings, log) -> dict:
     with OfflineEngines(model, settings, log) as engines:
-        log(f"idle CPU of every engine and of the bench's Ray over {settings.idle_seconds:.0f} s")
-        idle = idle_cpu({**engines.processes, RAY_GROUP: ray_cluster.processes}, settings.idle_seconds)
+        groups = engines.processes
         sets = throughput.build_prompt_sets(tokenizer, settings)
-        runs = throughput.run_rounds(engines.llms, sets, settings, log)
+        others = {mode: [p for name, procs in groups.items() if name != mode for p in procs] for mode in settings.modes}
+        runs = throughput.run_rounds(engines.llms, sets, settings, log, others)
+        log(f"idle CPU of every engine (with its Ray) over {settings.idle_seconds:.0f} s")
+        idle = idle_cpu(groups, settings.idle_seconds)  # after the rounds: every engine (and Ray) long settled
         decode = {}
         if "ablation" in settings.sections:
             log("plain decode step times (reference for the ablation)")
@@ -211,17 +211,22 @@ def run_all(settings: Settings, argv: list[str], log) -> dict:
         "offline_engine": {mode: f"vllm.LLM({model!r}, **{engine_options(settings, mode)!r})" for mode in settings.modes},
     }
     errors: dict[str, str] = {}
+    result["foreign_cpu_cores"] = {}  # per section: CPU other processes of the machine used meanwhile
 
     def section(name: str, run) -> None:
         """Run one section; a failure is recorded (the other sections still run) and its logs are kept."""
+        foreign = machine.ForeignLoad()
         try:
-            run()
+            with foreign:
+                run()
         except Exception as e:  # reported in bench.json / bench.md, and by the exit code
             log(f"section {name} failed:\n{traceback.format_exc()}")
             errors[name] = f"{type(e).__name__}: {e}"
+        finally:
+            result["foreign_cpu_cores"][name] = foreign.summary()
 
     def offline() -> None:
-        result.update(run_offline(model, tokenizer, settings, ray_cluster, log))
+        result.update(run_offline(model, tokenizer, settings, log))
 
     def ablation_section() -> None:
         log("ablation: enclave round trip per layer per decode step vs folded W_O")
@@ -234,17 +239,17 @@ def run_all(settings: Settings, argv: list[str], log) -> dict:
     with private_tmpdir() as work_dir:
         result["commands"]["environment"] = (
             "TMPDIR=<a fresh folder> for the whole run (nothing shared with other vLLM or Ray users of /tmp); "
-            "offline engines: RAY_ADDRESS=<the bench's own Ray>; servers: RAY_ADDRESS=local (each shielded server "
-            "starts its own Ray, as on a machine of its own)"
+            "RAY_ADDRESS=local for offline engines and servers (each shielded one starts its own Ray, as a server "
+            "on a machine of its own does); the ablation's actor runs in the bench's own Ray"
         )
         try:
-            if "offline" in settings.sections or "ablation" in settings.sections:
-                with RayCluster() as ray_cluster:
-                    if "offline" in settings.sections:
-                        section("offline", offline)
-                    if "ablation" in settings.sections:
-                        section("ablation", ablation_section)
-                stop_children(log)  # nothing of the offline engines or the bench's Ray may outlive this section
+            if "offline" in settings.sections:
+                section("offline", offline)
+                stop_children(log)  # nothing of the offline engines (or their Rays) may outlive the section
+            if "ablation" in settings.sections:
+                with RayCluster():
+                    section("ablation", ablation_section)
+                stop_children(log)
             if "servers" in settings.sections:
                 result["commands"]["servers"] = {
                     kind: " ".join(command(kind, vllm_args(model, settings, "PORT"), settings.server_mode, "LOG")).replace(
@@ -276,9 +281,10 @@ def preliminary_reasons(result: dict, settings: Settings) -> list[str]:
         reasons.append(f"section(s) failed: {', '.join(result['errors'])}")
     if settings.profile != "full":
         reasons.append(f"profile {settings.profile!r}, not 'full'")
-    loads = [result["machine"]["load_average"][0], result["machine"]["load_average_end"][0]]
-    if max(loads) > QUIET_LOAD:
-        reasons.append(f"machine busy: 1-minute load average {loads[0]} at start, {loads[1]} at end (> {QUIET_LOAD})")
+    for name, foreign in result["foreign_cpu_cores"].items():
+        if foreign["mean_cores"] > QUIET_FOREIGN_CORES:
+            reasons.append(f"machine busy: other processes used {foreign['mean_cores']:.2f} cores on average "
+                           f"(peak {foreign['max_cores']:.2f}) during section {name} (> {QUIET_FOREIGN_CORES})")
     shielded_starts = result.get("startup", {}).get("starts", {}).get("shielded", [])
     if not all(s["started_own_ray"] for s in shielded_starts):
         reasons.append("a shielded server did not start its own Ray: its start-up time and memory omit Ray's")

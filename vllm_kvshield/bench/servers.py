@@ -167,7 +167,8 @@ class ServerProcess:
         self._check_shield_state()
         return {
             "health_ready_s": health_s,
-            "proven_ready_s": self.ready_line_s if self.kind == "shielded" else health_s,
+            # `kvshield serve` may print its ready line before this poll sees /health: ready is the later of both
+            "proven_ready_s": max(health_s, self.ready_line_s) if self.kind == "shielded" else health_s,
             "vllm_server_started_s": self.sample.server_seen_s if self.kind == "shielded" else 0.0,
             "peak_rss_bytes_at_ready": self.sample.peak_rss,
             "started_own_ray": self.started_own_ray(),

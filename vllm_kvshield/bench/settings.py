@@ -89,6 +89,7 @@ PROFILES = {
         modes=ALL_MODES,
         prompt_sets=QUICK_SETS,
         repetitions=3,
+        enforce_eager=True,  # a compiled engine takes 1-5 min to start here; the full profile measures compiled
         idle_seconds=10.0,
         quality_chunks=8,
         server_rounds=1,
@@ -98,7 +99,8 @@ PROFILES = {
         serving_concurrency=8,
         serving_warmups=2,
         ablation_steps=20,
-        notes=("quick profile: small prompt sets, 3 rounds, 8 quality chunks, one server start each (no warm-up start)",),
+        notes=("quick profile: eager engines and servers (not vLLM's compiled default), small prompt sets, 3 rounds, "
+               "8 quality chunks, one server start each (no warm-up start)",),
     ),
     "smoke": Settings(
         profile="smoke",

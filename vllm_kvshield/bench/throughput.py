@@ -18,6 +18,7 @@ import torch
 
 from .. import data
 from . import stats
+from .engines import tree_cpu_seconds
 from .settings import PLAIN, PromptSet, Settings
 
 FIRST_RANDOM_TOKEN = 1000  # random prompts avoid the tokenizer's special and byte tokens
@@ -96,17 +97,25 @@ def rotated(modes: tuple[str, ...], round_index: int) -> list[str]:
     return list(modes[k:] + modes[:k])
 
 
-def run_rounds(llms: dict, sets: list[Prompts], settings: Settings, log) -> list[dict]:
-    """Warm-up pass, then settings.repetitions timed rounds; one record per (round, set, mode)."""
+def run_rounds(llms: dict, sets: list[Prompts], settings: Settings, log, others: dict | None = None) -> list[dict]:
+    """Warm-up pass, then settings.repetitions timed rounds; one record per (round, set, mode).
+
+    others[mode]: the processes that should sit idle while that mode runs (the other engines, the
+    bench's Ray); the CPU they use meanwhile is recorded per run, in cores, so a run slowed by its
+    neighbours shows it (all engines share one process and two cores).
+    """
     for mode in settings.modes:
         for prompts in sets:
             generate_timed(llms[mode], prompts, settings.seed)
     log(f"throughput: warm-up done; {settings.repetitions} rounds of {len(sets)} sets x {len(settings.modes)} modes")
+    others = others or {}
     runs = []
     for r in range(settings.repetitions):
         for prompts in sets:
             for mode in rotated(settings.modes, r):
+                before = tree_cpu_seconds(others.get(mode, []))
                 run = generate_timed(llms[mode], prompts, settings.seed + r)
+                run["others_cpu_cores"] = (tree_cpu_seconds(others.get(mode, [])) - before) / run["seconds"]
                 runs.append({"round": r, "set": prompts.spec.name, "mode": mode, **run})
         log(f"throughput: round {r + 1}/{settings.repetitions} done")
     return runs
@@ -134,6 +143,7 @@ def _mode_summary(runs: list[dict], mode: str) -> dict:
         "ratio_spread": stats.spread(ratios),
         "tokens_per_s_spread": stats.spread(tps),
         "runs": len(rounds),
+        "others_cpu_cores": stats.median([x.get("others_cpu_cores", 0.0) for r in rounds for x in per_round[r]]),
     }
 
 
