@@ -307,7 +307,8 @@ def _chart_throughput(ax, r: dict) -> None:
         xs = [i for i, m in enumerate(modes) if m in mode_set]
         for i in xs:
             ax.hlines(bound, i - 0.4, i + 0.4, colors="tab:red", linestyles="dashed")
-    ax.set_ylim(min(0.9, min(tp[m]["ratio_spread"]["min"] for m in modes) - 0.01), 1.05)
+    ax.set_ylim(min(0.9, min(tp[m]["ratio_spread"]["min"] for m in modes) - 0.01),
+                max(1.05, max(tp[m]["ratio_spread"]["max"] for m in modes) + 0.01))
     ax.set_ylabel("offline tokens/s ratio to none (min-max)")
     ax.set_title("Offline throughput (red: target)")
 

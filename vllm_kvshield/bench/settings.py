@@ -67,15 +67,15 @@ class Settings:
         return DEFAULT_MODE if DEFAULT_MODE in shielded else shielded[-1]
 
 
-FULL_SETS = (  # sized for a ~40 min run on 2 CPU cores
+FULL_SETS = (  # the full run took 29 min on 2 quiet CPU cores
     PromptSet("random-128-128", "random", prompts=16, input_len=128, output_len=128),
     PromptSet("random-512-64", "random", prompts=8, input_len=512, output_len=64),
     PromptSet("chat-128", "chat", prompts=16, input_len=None, output_len=128),
 )
 QUICK_SETS = (
-    PromptSet("random-128-128", "random", prompts=8, input_len=128, output_len=128),
-    PromptSet("random-512-64", "random", prompts=4, input_len=512, output_len=64),
-    PromptSet("chat-128", "chat", prompts=8, input_len=None, output_len=128),
+    PromptSet("random-128-128", "random", prompts=6, input_len=128, output_len=128),
+    PromptSet("random-512-64", "random", prompts=3, input_len=512, output_len=64),
+    PromptSet("chat-128", "chat", prompts=6, input_len=None, output_len=128),
 )
 SMOKE_SETS = (
     PromptSet("random-16-8", "random", prompts=2, input_len=16, output_len=8),
@@ -90,17 +90,17 @@ PROFILES = {
         prompt_sets=QUICK_SETS,
         repetitions=3,
         enforce_eager=True,  # a compiled engine takes 1-5 min to start here; the full profile measures compiled
-        idle_seconds=10.0,
-        quality_chunks=8,
+        idle_seconds=5.0,
+        quality_chunks=4,
         server_rounds=1,
         server_warmup_starts=0,
-        serving_requests=16,
+        serving_requests=8,
         serving_output_len=64,
         serving_concurrency=8,
         serving_warmups=2,
         ablation_steps=20,
         notes=("quick profile: eager engines and servers (not vLLM's compiled default), small prompt sets, 3 rounds, "
-               "8 quality chunks, one server start each (no warm-up start)",),
+               "4 quality chunks, one server start each (no warm-up start)",),
     ),
     "smoke": Settings(
         profile="smoke",
