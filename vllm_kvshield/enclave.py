@@ -112,16 +112,16 @@ def init_ray(address: str | None, deployment: str) -> None:
     record = address_file(deployment)
     with open(record + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(record):
-            with open(record) as f:
-                first = json.load(f)
+        first = recorded_ray(deployment)
+        if first is not None:
+            first_address, auth_mode = first
             try:
-                _check_reachable(first["address"])
+                _check_reachable(first_address)
             except ShieldError:
-                raise ShieldError(f"kvshield: the Ray at {first['address']} this server's first worker started is gone") from None
-            if first["auth_mode"] == "token":
+                raise ShieldError(f"kvshield: the Ray at {first_address} this server's first worker started is gone") from None
+            if auth_mode == "token":
                 _enable_token_auth()
-            ray.init(address=first["address"], **kwargs)
+            ray.init(address=first_address, **kwargs)
             return
         _sweep_stale_records()
         ray.init(address="local", **kwargs)
@@ -129,6 +129,13 @@ def init_ray(address: str | None, deployment: str) -> None:
             json.dump({"address": ray.get_runtime_context().gcs_address, "auth_mode": os.environ.get("RAY_AUTH_MODE")}, f)
         os.replace(record + ".tmp", record)
         atexit.register(_remove, record, record + ".lock")
+
+
+def join(address: str, auth_mode: str | None, deployment: str) -> None:
+    """Join a server's Ray whose address is known (from recorded_ray, or explicit); never start one."""
+    if auth_mode == "token":
+        _enable_token_auth()
+    init_ray(address, deployment)
 
 
 def _enable_token_auth() -> None:

@@ -82,16 +82,14 @@ def enclave_ray_address(shield: ShieldConfig, name: str, executor_backend) -> tu
 
 
 def join_ray(address: str, auth_mode: str | None, name: str) -> None:
-    """Join the enclave's Ray through enclave.init_ray (reachability checked first, never a new Ray).
+    """Join the enclave's Ray through enclave.join (reachability checked first, never a new Ray).
 
     ray.init replaces the process's SIGTERM handler; vLLM's is put back.
     """
-    if auth_mode == "token":
-        enclave._enable_token_auth()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
-        enclave.init_ray(address, name)
+        enclave.join(address, auth_mode, name)
     finally:
         if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)

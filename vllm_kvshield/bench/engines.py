@@ -69,11 +69,7 @@ def enclave_info(llm) -> dict:
     recorded = enclave.recorded_ray(name)
     if recorded is None:
         raise ShieldError(f"kvshield: the engine recorded no Ray for enclave {name!r}: it is not shielded")
-    address, auth_mode = recorded
-    if auth_mode == "token":
-        enclave._enable_token_auth()
-    ray.init(address=address, namespace=enclave.NAMESPACE, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    enclave.join(*recorded, name)
     try:
         handle = ray.get_actor(name, namespace=enclave.NAMESPACE)
         return enclave.call(handle, "info")

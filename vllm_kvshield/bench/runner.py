@@ -31,7 +31,6 @@ THROUGHPUT_TARGETS = {"permute": 0.99, "mix-v": 0.99, "mix": 0.97}
 STARTUP_OVERHEAD_TARGET = 0.15
 
 
-
 def run_offline(model: str, tokenizer, settings: Settings, log) -> dict:
     with OfflineEngines(model, settings, log) as engines:
         groups = engines.processes

@@ -100,8 +100,8 @@ def rotated(modes: tuple[str, ...], round_index: int) -> list[str]:
 def run_rounds(llms: dict, sets: list[Prompts], settings: Settings, log, others: dict | None = None) -> list[dict]:
     """Warm-up pass, then settings.repetitions timed rounds; one record per (round, set, mode).
 
-    others[mode]: the processes that should sit idle while that mode runs (the other engines, the
-    bench's Ray); the CPU they use meanwhile is recorded per run, in cores, so a run slowed by its
+    others[mode]: the processes that should sit idle while that mode runs (the other engines, with
+    their Rays); the CPU they use meanwhile is recorded per run, in cores, so a run slowed by its
     neighbours shows it (all engines share one process and two cores).
     """
     for mode in settings.modes:
@@ -113,9 +113,10 @@ def run_rounds(llms: dict, sets: list[Prompts], settings: Settings, log, others:
     for r in range(settings.repetitions):
         for prompts in sets:
             for mode in rotated(settings.modes, r):
-                before = tree_cpu_seconds(others.get(mode, []))
+                neighbours = others.get(mode, [])
+                before = tree_cpu_seconds(neighbours)
                 run = generate_timed(llms[mode], prompts, settings.seed + r)
-                run["others_cpu_cores"] = (tree_cpu_seconds(others.get(mode, [])) - before) / run["seconds"]
+                run["others_cpu_cores"] = (tree_cpu_seconds(neighbours) - before) / run["seconds"]
                 runs.append({"round": r, "set": prompts.spec.name, "mode": mode, **run})
         log(f"throughput: round {r + 1}/{settings.repetitions} done")
     return runs
