@@ -200,3 +200,33 @@ def test_serve_reports_vllms_kvshield_refusal_not_its_traceback():
         assert server.survivors() == []
     finally:
         server.stop()
+
+
+def test_prestarted_server_serves_nothing_without_arguments():
+    """The server process `kvshield serve` starts before its checks end exits 0 at end of input, vLLM never started."""
+    result = subprocess.run(
+        [sys.executable, "-m", "vllm_kvshield.server_entry"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=STOP_BOUND_S,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "non-default args" not in result.stdout + result.stderr  # vLLM's server logs its arguments first thing
+
+
+def test_refused_checks_end_the_prestarted_server(tmp_path):
+    """A refusal late in the checks (the port is taken): the prestarted process is gone, its default log removed."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = ServeProcess(["--port", str(port), *SMALL_ENGINE], env={"TMPDIR": str(tmp_path)})
+        try:
+            assert server.wait_for_ready_or_exit() is None
+            assert server.proc.returncode != 0
+            assert any(str(port) in line for line in server.stderr if line.startswith("kvshield: ")), server.stderr
+            assert not any("starting vLLM" in line for line in server.stderr), server.stderr
+            prestarted = [p for p in server.descendants.values() if p.pid != server.proc.pid]
+            assert prestarted, "no server process was seen during the checks"
+            assert server.survivors() == []
+            assert list(tmp_path.glob("kvshield-serve-*.log")) == []
+        finally:
+            server.stop()

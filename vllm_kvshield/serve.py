@@ -1,7 +1,8 @@
 """Run the vLLM server process; report it ready only once its workers prove the shield is active.
 
+    server = serve.prestart()  # imports vLLM while the checks run
     plan = launch.plan_serve(None, {"mode": "mix"}, ["--port", "8000"])
-    sys.exit(serve.run(plan))
+    sys.exit(serve.run(plan, server, ready_timeout=1800))
 
 vLLM accepts `--additional-config '{"kvshield": ...}'` silently when the plugin is not loaded, and
 then serves unshielded. So readiness is two facts: /health answers, and the workers logged
@@ -11,6 +12,8 @@ The server runs in its own session; every process it starts (Ray's included) is 
 """
 
 import collections
+import contextlib
+import json
 import os
 import re
 import signal
@@ -26,7 +29,9 @@ from dataclasses import dataclass
 
 import psutil
 
-from .launch import ServePlan
+from .launch import SERVER_MODULE, ServePlan
+
+PRESTART_MODULE = "vllm_kvshield.server_entry"
 
 ACTIVE_LINE = re.compile(
     r"kvshield: shield active: mode=(?P<mode>[^,\s]+), key fingerprint (?P<fingerprint>[0-9a-f]+), "
@@ -144,9 +149,15 @@ class StartFailed(Exception):
 
 
 class Server:
-    """One vLLM server child process in its own session, with its output reader and process tree."""
+    """One vLLM server child process in its own session, with its output reader and process tree.
 
-    def __init__(self, plan: ServePlan, log_path: str, verbose: bool):
+    Server(plan, ...) runs plan.command. Server.prestart(...) starts vllm_kvshield.server_entry
+    before the plan exists: it imports vLLM while `kvshield serve` checks its input, and serves
+    nothing until launch(plan) hands it the checked arguments; cancel() ends it when the checks refuse.
+    Should `kvshield serve` die before either, its end of the pipe closes and the process exits by itself.
+    """
+
+    def __init__(self, plan: ServePlan | None, log_path: str, verbose: bool, command: list[str] | None = None):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.plan = plan
         try:
@@ -154,8 +165,8 @@ class Server:
         except OSError as e:
             raise StartFailed(f"kvshield: cannot write the log file {log_path}: {e.strerror}") from None
         self.proc = subprocess.Popen(
-            plan.command,
-            stdin=subprocess.DEVNULL,
+            command or plan.command,
+            stdin=subprocess.PIPE if plan is None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=env,
@@ -164,6 +175,32 @@ class Server:
         self.tree = ProcessTree(psutil.Process(self.proc.pid))
         self.output = ServerOutput(self.proc.stdout, log, mirror=verbose)
         self.signalled: int | None = None
+
+    @classmethod
+    def prestart(cls, log_path: str, verbose: bool) -> "Server":
+        return cls(None, log_path, verbose, command=[sys.executable, "-m", PRESTART_MODULE])
+
+    def launch(self, plan: ServePlan) -> None:
+        """Hand the prestarted process the checked arguments: from here on it is vLLM's server."""
+        assert self.plan is None, f"server already launched with {self.plan.command!r}"
+        head = [sys.executable, "-m", SERVER_MODULE]
+        assert plan.command[:3] == head, f"plan runs {plan.command[:3]!r}, the prestarted process runs {head!r}"
+        self.plan = plan
+        try:
+            self.proc.stdin.write((json.dumps(plan.command[3:]) + "\n").encode())
+            self.proc.stdin.close()
+        except OSError:  # it died while importing vLLM: wait_ready reports its output
+            pass
+
+    def cancel(self, remove_log: bool) -> None:
+        """The checks refused: end the prestarted process, which has served nothing (and drop its log)."""
+        assert self.plan is None, "cancel() after launch(); use stop()"
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()  # end of input without arguments: it exits by itself
+        self.stop()
+        if remove_log:
+            with contextlib.suppress(OSError):
+                os.remove(self.output.log_path)
 
     def healthy(self) -> bool:
         context = None
@@ -265,15 +302,22 @@ def default_log_path() -> str:
     return os.path.join(tempfile.gettempdir(), f"kvshield-serve-{os.getpid()}.log")
 
 
-def run(plan: ServePlan, ready_timeout: float, log_path: str | None = None, verbose: bool = False) -> int:
-    """Start, prove ready, serve until the server exits or a signal arrives. The process exit code."""
-    log_path = log_path or default_log_path()
-    try:
-        server = Server(plan, log_path, verbose)
-    except StartFailed as e:
-        print(str(e), file=sys.stderr, flush=True)
-        return 1
-    print(f"kvshield: starting vLLM (log: {log_path})", file=sys.stderr, flush=True)
+def prestart(log_path: str | None = None, verbose: bool = False) -> Server:
+    """Start the server process now, to import vLLM while the checks run (Server.prestart)."""
+    return Server.prestart(log_path or default_log_path(), verbose)
+
+
+def cancel(server: Server, log_path: str | None) -> None:
+    """End a prestarted server the checks refused; a log in the default place goes with it, as if never started."""
+    server.cancel(remove_log=log_path is None)
+
+
+def run(plan: ServePlan, server: Server, ready_timeout: float) -> int:
+    """Launch the prestarted server with the plan, prove it ready, serve until it exits or a signal arrives.
+
+    The process exit code."""
+    server.launch(plan)
+    print(f"kvshield: starting vLLM (log: {server.output.log_path})", file=sys.stderr, flush=True)
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, lambda signum, _frame: server.forward(signum)) for s in handled}
     try:
@@ -298,7 +342,7 @@ def run(plan: ServePlan, ready_timeout: float, log_path: str | None = None, verb
         _, messages, _ = server.output.snapshot()
         for message in messages:
             print(message, file=sys.stderr)
-        print(f"kvshield: the server exited (code {code}); log: {log_path}", file=sys.stderr, flush=True)
+        print(f"kvshield: the server exited (code {code}); log: {server.output.log_path}", file=sys.stderr, flush=True)
         return code or 1
     finally:
         server.stop()

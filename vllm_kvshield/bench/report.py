@@ -179,14 +179,14 @@ def _startup(r: dict) -> list[str]:
             rows.append([kind, f"{x['health_ready_s']:.1f}", f"{x['proven_ready_s']:.1f}", f"{x['vllm_server_started_s']:.1f}",
                          f"{x['peak_rss_bytes_at_ready'] / GiB:.2f}", f"{x['peak_rss_bytes'] / GiB:.2f}",
                          "/".join("yes" if o else "no" for o in x["started_own_ray"])])
-    lines += _table(["server", "/health ready (s)", "proven ready (s)", "vLLM process started (s)",
+    lines += _table(["server", "/health ready (s)", "proven ready (s)", "checks done, vLLM given its arguments (s)",
                      "peak RSS at ready (GiB)", "peak RSS incl. load (GiB)", "started its own Ray"], rows)
     if "overhead" in st:
         o = st["overhead"]
         lines += [
             f"Overhead of the shielded server: {_pct(o['health_ready'])} to /health, {_pct(o['proven_ready'])} to "
-            f"proven ready, {_pct(o['vllm_server_only'])} for the vLLM server alone (without `kvshield serve`'s checks "
-            f"before it starts vLLM); peak RSS {_pct(o['peak_rss'])}.",
+            f"proven ready, {_pct(o['vllm_server_only'])} from the end of `kvshield serve`'s checks (its server process "
+            f"imports vLLM during them); peak RSS {_pct(o['peak_rss'])}.",
             "",
         ]
     return lines

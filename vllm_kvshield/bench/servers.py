@@ -4,8 +4,9 @@
     shielded:  python -m vllm_kvshield.cli serve --mode MODE --log-file LOG ARGS
 
 Each runs in its own session. A sampler thread follows the process tree (psutil) every
-SAMPLE_S: the sum of its processes' RSS (peak kept), when vLLM's server process appeared
-(for `kvshield serve`, the end of its own checks), and whether the tree started a Ray cluster.
+SAMPLE_S: the sum of its processes' RSS (peak kept) and whether the tree started a Ray cluster.
+For `kvshield serve`, its output gives when its checks ended and it handed vLLM the arguments
+("kvshield: starting vLLM"; its server process was started earlier, to import vLLM meanwhile).
 """
 
 import os
@@ -32,6 +33,7 @@ HEALTH_TIMEOUT_S = 2.0
 READY_TIMEOUT_S = 1800.0
 STOP_GRACE_S = 60.0
 KV_CAPACITY_LINE = re.compile(r"KV cache size: (?P<tokens>[\d,]+) tokens")
+STARTING_LINE = re.compile(r"^kvshield: starting vLLM")
 READY_LINE = re.compile(r"kvshield: ready at \S+ \(mode=(?P<mode>[^,]+), key fingerprint (?P<fingerprint>[0-9a-f]+)\)")
 HOST = "127.0.0.1"
 KINDS = ("plain", "shielded")
@@ -72,7 +74,6 @@ class ServerFailed(RuntimeError):
 @dataclass
 class Sample:
     peak_rss: int = 0
-    server_seen_s: float | None = None  # when vLLM's server process first appeared, since start
 
 
 class ServerProcess:
@@ -87,6 +88,7 @@ class ServerProcess:
         self.command = command(kind, vllm_args(model, settings, self.port), self.mode, self.log_path)
         self.ready_line: str | None = None
         self.ready_line_s: float | None = None
+        self.starting_line_s: float | None = None  # `kvshield serve` handed vLLM its arguments
         self.sample = Sample()
         self.seen: dict[int, psutil.Process] = {}
         self._stopping = threading.Event()
@@ -98,7 +100,7 @@ class ServerProcess:
             self.command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if kind == "shielded" else self._out,
-            stderr=self._out,
+            stderr=subprocess.STDOUT if kind == "shielded" else self._out,
             env=env,
             start_new_session=True,
         )
@@ -117,6 +119,8 @@ class ServerProcess:
         for raw in iter(self.proc.stdout.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip("\n")
             self._out.write(line + "\n")
+            if self.starting_line_s is None and STARTING_LINE.search(line):
+                self.starting_line_s = self.elapsed()
             if self.ready_line is None and READY_LINE.search(line):
                 self.ready_line_s = self.elapsed()
                 self.ready_line = line
@@ -136,8 +140,6 @@ class ServerProcess:
             for p in self._tree():
                 try:
                     rss += p.memory_info().rss
-                    if self.sample.server_seen_s is None and SERVER_MODULE in " ".join(p.cmdline()):
-                        self.sample.server_seen_s = self.elapsed()
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     continue
             self.sample.peak_rss = max(self.sample.peak_rss, rss)
@@ -169,7 +171,7 @@ class ServerProcess:
             "health_ready_s": health_s,
             # `kvshield serve` may print its ready line before this poll sees /health: ready is the later of both
             "proven_ready_s": max(health_s, self.ready_line_s) if self.kind == "shielded" else health_s,
-            "vllm_server_started_s": self.sample.server_seen_s if self.kind == "shielded" else 0.0,
+            "vllm_server_started_s": self.starting_line_s if self.kind == "shielded" else 0.0,
             "peak_rss_bytes_at_ready": self.sample.peak_rss,
             "started_own_ray": self.started_own_ray(),
         }

@@ -50,7 +50,7 @@ def summarize(records: dict[str, list[dict]]) -> dict:
         out["overhead"] = {
             "health_ready": shielded["health_ready_s"] / plain["health_ready_s"] - 1.0,
             "proven_ready": shielded["proven_ready_s"] / plain["proven_ready_s"] - 1.0,
-            # the vLLM server alone: without `kvshield serve`'s checks before it starts vLLM
+            # from the end of `kvshield serve`'s checks (its server process imported vLLM during them)
             "vllm_server_only": (shielded["health_ready_s"] - shielded["vllm_server_started_s"]) / plain["health_ready_s"] - 1.0,
             "peak_rss": shielded["peak_rss_bytes"] / plain["peak_rss_bytes"] - 1.0,
             "peak_rss_at_ready": shielded["peak_rss_bytes_at_ready"] / plain["peak_rss_bytes_at_ready"] - 1.0,
