@@ -76,14 +76,14 @@ def serve_command(argv: list[str]) -> int:
     options, vllm_args = serve_parser().parse_known_args(rest)
     shortcuts = {"mode": options.mode, "key_file": options.key_file, "ray_address": options.ray_address}
     try:  # vLLM's import in the server process overlaps the checks; it serves nothing until they pass
-        server = serve.prestart(options.log_file, options.verbose)
+        server = serve.Server.prestart(options.log_file, options.verbose)
     except serve.StartFailed as e:
         _stderr(str(e))
         return 1
     try:
         plan = launch.plan_serve(model, shortcuts, vllm_args, log=_stderr)
     except BaseException:
-        serve.cancel(server, options.log_file)
+        server.cancel()
         raise
     return serve.run(plan, server, ready_timeout=options.ready_timeout)
 

@@ -1,6 +1,6 @@
 """Run the vLLM server process; report it ready only once its workers prove the shield is active.
 
-    server = serve.prestart()  # imports vLLM while the checks run
+    server = serve.Server.prestart(log_path=None, verbose=False)  # imports vLLM while the checks run
     plan = launch.plan_serve(None, {"mode": "mix"}, ["--port", "8000"])
     sys.exit(serve.run(plan, server, ready_timeout=1800))
 
@@ -32,6 +32,7 @@ import psutil
 from .launch import SERVER_MODULE, ServePlan
 
 PRESTART_MODULE = "vllm_kvshield.server_entry"
+STARTING_MESSAGE = "kvshield: starting vLLM"  # printed once the checked arguments are handed over
 
 ACTIVE_LINE = re.compile(
     r"kvshield: shield active: mode=(?P<mode>[^,\s]+), key fingerprint (?P<fingerprint>[0-9a-f]+), "
@@ -175,10 +176,14 @@ class Server:
         self.tree = ProcessTree(psutil.Process(self.proc.pid))
         self.output = ServerOutput(self.proc.stdout, log, mirror=verbose)
         self.signalled: int | None = None
+        self.default_log = False  # the log is in the default place (not one the user chose)
 
     @classmethod
-    def prestart(cls, log_path: str, verbose: bool) -> "Server":
-        return cls(None, log_path, verbose, command=[sys.executable, "-m", PRESTART_MODULE])
+    def prestart(cls, log_path: str | None, verbose: bool) -> "Server":
+        """Start the server process now, to import vLLM while the checks run; log_path None: the default place."""
+        server = cls(None, log_path or default_log_path(), verbose, command=[sys.executable, "-m", PRESTART_MODULE])
+        server.default_log = log_path is None
+        return server
 
     def launch(self, plan: ServePlan) -> None:
         """Hand the prestarted process the checked arguments: from here on it is vLLM's server."""
@@ -192,13 +197,14 @@ class Server:
         except OSError:  # it died while importing vLLM: wait_ready reports its output
             pass
 
-    def cancel(self, remove_log: bool) -> None:
-        """The checks refused: end the prestarted process, which has served nothing (and drop its log)."""
+    def cancel(self) -> None:
+        """The checks refused: end the prestarted process, which has served nothing; a log in the
+        default place goes with it, as if it never started."""
         assert self.plan is None, "cancel() after launch(); use stop()"
         with contextlib.suppress(OSError):
             self.proc.stdin.close()  # end of input without arguments: it exits by itself
         self.stop()
-        if remove_log:
+        if self.default_log:
             with contextlib.suppress(OSError):
                 os.remove(self.output.log_path)
 
@@ -302,22 +308,12 @@ def default_log_path() -> str:
     return os.path.join(tempfile.gettempdir(), f"kvshield-serve-{os.getpid()}.log")
 
 
-def prestart(log_path: str | None = None, verbose: bool = False) -> Server:
-    """Start the server process now, to import vLLM while the checks run (Server.prestart)."""
-    return Server.prestart(log_path or default_log_path(), verbose)
-
-
-def cancel(server: Server, log_path: str | None) -> None:
-    """End a prestarted server the checks refused; a log in the default place goes with it, as if never started."""
-    server.cancel(remove_log=log_path is None)
-
-
 def run(plan: ServePlan, server: Server, ready_timeout: float) -> int:
     """Launch the prestarted server with the plan, prove it ready, serve until it exits or a signal arrives.
 
     The process exit code."""
     server.launch(plan)
-    print(f"kvshield: starting vLLM (log: {server.output.log_path})", file=sys.stderr, flush=True)
+    print(f"{STARTING_MESSAGE} (log: {server.output.log_path})", file=sys.stderr, flush=True)
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, lambda signum, _frame: server.forward(signum)) for s in handled}
     try:

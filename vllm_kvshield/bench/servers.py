@@ -25,7 +25,7 @@ import psutil
 
 from ..default_model import MODEL_NAME
 from ..launch import SERVER_MODULE
-from ..serve import ACTIVE_LINE
+from ..serve import ACTIVE_LINE, STARTING_MESSAGE
 from .settings import Settings
 
 SAMPLE_S = 0.2
@@ -33,7 +33,7 @@ HEALTH_TIMEOUT_S = 2.0
 READY_TIMEOUT_S = 1800.0
 STOP_GRACE_S = 60.0
 KV_CAPACITY_LINE = re.compile(r"KV cache size: (?P<tokens>[\d,]+) tokens")
-STARTING_LINE = re.compile(r"^kvshield: starting vLLM")
+STARTING_LINE = re.compile("^" + re.escape(STARTING_MESSAGE))
 READY_LINE = re.compile(r"kvshield: ready at \S+ \(mode=(?P<mode>[^,]+), key fingerprint (?P<fingerprint>[0-9a-f]+)\)")
 HOST = "127.0.0.1"
 KINDS = ("plain", "shielded")
