@@ -22,14 +22,27 @@ TESTED_VLLM_VERSIONS = ("0.32.0",)
 logger = logging.getLogger("vllm.plugins.kvshield")
 
 
+KEY_ROWS_PROCESSOR = "vllm_kvshield.request_keys:KeyRowsProcessor"
+
+
 def check(vllm_config) -> None:
-    """The front-end check: a bad kvshield config or an unsupported model refuses to start."""
+    """The front-end check: a bad kvshield config or an unsupported model refuses to start.
+
+    Mode per-request also names its logits processor, which keeps the workers' request
+    matrices aligned with vLLM's batch (request_keys.py): the front end validates requests
+    with it, and every worker's model runner builds it from the same model config.
+    """
     from vllm_kvshield import registered_architectures
     from vllm_kvshield.config import ShieldConfig, check_supported
 
-    if vllm_config.model_config is None or ShieldConfig.from_vllm_config(vllm_config) is None:
+    shield = None if vllm_config.model_config is None else ShieldConfig.from_vllm_config(vllm_config)
+    if shield is None:
         return
     check_supported(vllm_config, registered_architectures())
+    if shield.mode == "per-request":
+        processors = list(vllm_config.model_config.logits_processors or [])
+        if KEY_ROWS_PROCESSOR not in processors:
+            vllm_config.model_config.logits_processors = processors + [KEY_ROWS_PROCESSOR]
 
 
 def install() -> None:

@@ -74,7 +74,7 @@ def test_mixing_greedy_agrees_with_plain_fp32(engines, plain_greedy, mode):
     assert status(engines.get(mode))["mode"] == mode
 
 
-@pytest.mark.parametrize("mode", transforms.MODES)
+@pytest.mark.parametrize("mode", [m for m in transforms.MODES if m != "per-request"])  # tests/test_per_request.py
 def test_kv_cache_holds_what_the_key_predicts(engines, key_file, mode):
     """The blocks vLLM holds are not plain, and equal plain under the key's transform.
 

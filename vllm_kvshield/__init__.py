@@ -31,11 +31,13 @@ def registered_architectures() -> list[str]:
 
 
 def register() -> None:
-    """vllm.general_plugins entry point: the shielded class under every Llama name, and the config check."""
+    """vllm.general_plugins entry point: the shielded class under every Llama name, the config check, and
+    (mode per-request) the engine core's key ids."""
     from vllm import ModelRegistry
 
-    from .patches import verify_config
+    from .patches import key_ids, verify_config
 
     for arch in llama_architectures(ModelRegistry) + [EXPLICIT_ARCH]:
         ModelRegistry.register_model(arch, ":".join(SHIELDED_CLASS))
     verify_config.install()
+    key_ids.install()

@@ -95,4 +95,39 @@ def check_supported(vllm_config, architectures: list[str]) -> None:
         raise ShieldConfigError(
             f"kvshield: kv_cache_dtype {kv_dtype!r} is not supported; accepted: {', '.join(SUPPORTED_KV_CACHE_DTYPES)}"
         )
+    shield = ShieldConfig.from_vllm_config(vllm_config)
+    if shield is not None and shield.mode == "per-request":
+        check_per_request(vllm_config)
+
+
+def check_per_request(vllm_config) -> None:
+    """Refuse, by name, the vLLM features mode per-request cannot keep exact or cannot see."""
+    from vllm.platforms import current_platform
+
+    from .patches import key_ids as engine_patch
+
+    def refuse(what: str, why: str) -> None:
+        raise ShieldConfigError(f"kvshield: mode 'per-request' does not support {what}: {why}")
+
+    if not current_platform.is_cpu():
+        refuse(f"the {current_platform.device_name!r} platform", "its row shuffle knows only vLLM's CPU KV cache layout (run on CPU, or use mode 'mix')")
+    if vllm_config.speculative_config is not None:
+        refuse("speculative decoding", "rejected draft rows are overwritten in place, and rows are moved after each step")
+    if vllm_config.use_v2_model_runner:
+        refuse("vLLM's V2 model runner", "it does not report its batch to logits processors; set VLLM_USE_V2_MODEL_RUNNER=0")
+    if vllm_config.model_config.runner_type != "generate":
+        refuse(f"runner {vllm_config.model_config.runner_type!r}", "only generation requests get request keys")
+    if vllm_config.model_config.get_sliding_window() is not None:
+        refuse("sliding-window attention", "the window masks rows by slot, and rows move inside their blocks")
+    if engine_patch.missing():
+        refuse(f"this vLLM's engine core", "EngineCore.preprocess_add_request, where requests get their key ids, is missing")
+    block_size = vllm_config.cache_config.block_size
+    if block_size is not None:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        from .cache_shuffle import SHUFFLABLE_ISAS
+
+        isa = _get_attn_isa(vllm_config.model_config.dtype, block_size, vllm_config.model_config.get_head_size(), "auto")
+        if isa not in SHUFFLABLE_ISAS:
+            refuse(f"CPU attention ISA {isa!r}", f"its KV block layout is not the one the row shuffle moves; accepted: {', '.join(SHUFFLABLE_ISAS)}")
 

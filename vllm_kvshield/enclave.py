@@ -3,7 +3,10 @@
 One actor per server (named after vLLM's instance id), shared by all its workers.
 It generates the key from the OS CSPRNG or reads a key file, and answers one
 call per layer: transformed attention tensors plus the device material the
-layer needs. No method returns the key; it exposes a fingerprint and counters.
+layer needs. In mode per-request it also answers, per new request, the seed of that
+request's runtime matrices (an HMAC of the key and the request's key id, which predicts
+that request's matrices and nothing else). No method returns the key; it exposes a
+fingerprint and counters.
 
     handle = connect(ShieldConfig(mode="mix"), name=enclave_name(vllm_config))
     tensors, material = transform(handle, layer, shape, tensors, torch.bfloat16)
@@ -41,6 +44,7 @@ class Enclave:
         self._calls_per_layer: dict[int, int] = {}  # layer -> transforms served (one per worker holding it)
         self._bytes = 0
         self._seconds: list[float] = []
+        self._request_seeds = 0
 
     def __repr__(self) -> str:
         return f"Enclave(mode={self._mode!r}, fingerprint={self._fingerprint!r})"
@@ -56,6 +60,7 @@ class Enclave:
             "node_id": ray.get_runtime_context().get_node_id(),
             "bytes_transformed": self._bytes,
             "transform_seconds": list(self._seconds),
+            "request_seeds": self._request_seeds,
         }
 
     def transform(self, layer: int, shape: transforms.AttentionShape, tensors: dict, dtype: torch.dtype):
@@ -65,6 +70,16 @@ class Enclave:
         self._calls_per_layer[layer] = self._calls_per_layer.get(layer, 0) + 1
         self._bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         return out, material
+
+    def request_seeds(self, key_ids: list[str]) -> list[bytes]:
+        """Mode per-request: one 32-byte seed per key id (a request's, or a tenant's)."""
+        if self._mode != "per-request":
+            raise ShieldError(f"kvshield: request seeds exist only in mode per-request; this enclave runs {self._mode!r}")
+        bad = [k for k in key_ids if not (isinstance(k, str) and len(k) == transforms.KEY_ID_CHARS)]
+        if bad:
+            raise ShieldError(f"kvshield: malformed key id(s) {bad!r}; a key id is {transforms.KEY_ID_CHARS} hex digits")
+        self._request_seeds += len(key_ids)
+        return [transforms.request_seed(self._key, k) for k in key_ids]
 
 
 def enclave_name(vllm_config) -> str:
@@ -222,3 +237,8 @@ def _cause(e: Exception) -> str:
 def transform(handle, layer: int, shape: transforms.AttentionShape, tensors: dict, dtype: torch.dtype):
     """Send one layer's attention tensors through the enclave."""
     return call(handle, "transform", layer, shape, tensors, dtype)
+
+
+def request_seeds(handle, key_ids: list[str]) -> list[bytes]:
+    """The seeds of new requests' runtime matrices (mode per-request), one enclave round trip."""
+    return call(handle, "request_seeds", key_ids)

@@ -46,6 +46,7 @@ class EnclaveFacts:
     layers: int  # distinct layers transformed (a layer served to several workers counts once)
     bytes_transformed: int  # checkpoint bytes sent through the enclave
     transform_seconds: tuple[float, ...]  # one entry per transform call
+    request_seeds: int  # mode per-request: request seeds derived (one per request entering a worker's batch)
 
     @classmethod
     def from_info(cls, info: dict) -> "EnclaveFacts":
@@ -55,6 +56,7 @@ class EnclaveFacts:
             layers=len(info["transforms_per_layer"]),
             bytes_transformed=int(info["bytes_transformed"]),
             transform_seconds=tuple(info["transform_seconds"]),
+            request_seeds=int(info.get("request_seeds", 0)),
         )
 
 
@@ -198,6 +200,13 @@ class ShieldCollector(Collector):
             sum_value=sum(facts.transform_seconds),
         )
         yield seconds
+        if facts.mode == "per-request":
+            seeds = CounterMetricFamily(
+                "kvshield_request_keys",
+                "Request seeds the enclave derived (mode per-request): one per request entering a worker's batch",
+            )
+            seeds.add_metric([], float(facts.request_seeds))
+            yield seeds
 
 
 _installed: ShieldCollector | None = None  # the collector on the default registry, one per process

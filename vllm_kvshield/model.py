@@ -4,7 +4,10 @@ Registered for every architecture name vLLM maps to its Llama code. Without the
 kvshield config it is vLLM's LlamaForCausalLM, unchanged. With it:
   - each layer owns a copy of vLLM's rotary module, its table permuted at load;
   - the checkpoint's q/k/v/o tensors go to the enclave before vLLM shards them;
-  - mode "mix" applies the runtime K/Q mix after RoPE.
+  - mode "mix" applies the runtime K/Q mix after RoPE;
+  - mode "per-request" mixes each token's q, k, v with its own request's matrices around
+    vLLM's attention (request_mix.py, rows kept by request_keys.py) and, after each step,
+    moves the rows the step wrote to random slots of their blocks (cache_shuffle.py).
 
     python -m vllm.entrypoints.openai.api_server --model PATH \\
         --additional-config '{"kvshield": {"mode": "mix"}}'
@@ -18,6 +21,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.rotary_embedding import (
     DynamicNTKScalingRotaryEmbedding,
     LinearScalingRotaryEmbedding,
@@ -26,8 +30,9 @@ from vllm.model_executor.layers.rotary_embedding import (
     YaRNScalingRotaryEmbedding,
 )
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
 
-from . import enclave, registered_architectures
+from . import cache_shuffle, enclave, registered_architectures, request_keys, request_mix
 from .config import ShieldConfig, ShieldConfigError, ShieldError, check_supported
 from .transforms import AttentionShape, DeviceMaterial, mix_qk, permute_rotary_cache
 
@@ -56,10 +61,13 @@ def local_kv_heads(total_kv_heads: int) -> torch.Tensor:
 
 
 class ShieldedLlamaAttention(LlamaAttention):
-    """LlamaAttention with its own rotary table and, in mode "mix", k'' = k' M, q'' = q' M^{-T} after RoPE."""
+    """LlamaAttention with its own rotary table and, after RoPE, in mode "mix" k'' = k' M, q'' = q' M^{-T},
+    in mode "per-request" each token's request's mix of q, k, v and un-mix of the attention output."""
 
-    def __init__(self, *args, runtime_mix: bool, max_model_len: int, **kwargs):
+    def __init__(self, *args, runtime_mix: bool, per_request: bool, max_model_len: int, **kwargs):
         super().__init__(*args, **kwargs)
+        self.layer_index = extract_layer_index(kwargs["prefix"])
+        self.per_request = per_request
         shared = self.rotary_emb
         if type(shared) not in SUPPORTED_ROPES:
             names = ", ".join(c.__name__ for c in SUPPORTED_ROPES)
@@ -90,13 +98,19 @@ class ShieldedLlamaAttention(LlamaAttention):
             self.qk_mix_q.copy_(material.mix_q[heads])
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.qk_mix is None:
+        if self.qk_mix is None and not self.per_request:
             return super().forward(positions, hidden_states)
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        q, k = mix_qk(q, k, self.qk_mix, self.qk_mix_q)
-        output, _ = self.o_proj(self.attn(q, k, v))
+        if self.qk_mix is not None:
+            q, k = mix_qk(q, k, self.qk_mix, self.qk_mix_q)
+        if not self.per_request:
+            output, _ = self.o_proj(self.attn(q, k, v))
+            return output
+        q, k, v = torch.ops.kvshield.request_mix(q, k, v, self.layer_index, self.num_kv_heads)
+        o = torch.ops.kvshield.request_unmix(self.attn(q, k, v), self.layer_index, self.num_kv_heads)
+        output, _ = self.o_proj(o)
         return output
 
 
@@ -110,8 +124,11 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
             attention = functools.partial(
                 ShieldedLlamaAttention,
                 runtime_mix=shield.mode == "mix",
+                per_request=shield.mode == "per-request",
                 max_model_len=vllm_config.model_config.max_model_len,
             )
+            if shield.mode == "per-request":
+                request_mix.register_ops()
             layer_type = functools.partial(layer_type, attn_layer_type=attention)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
         self.shield = shield
@@ -121,6 +138,7 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
         self.enclave_handle = None
         self.shielded_layers: set[int] = set()
         self._dtype = vllm_config.model_config.dtype
+        self._max_rows = vllm_config.scheduler_config.max_num_seqs  # rows of vLLM's persistent batch
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if self.shield is None:
@@ -132,12 +150,56 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
         if self.shielded_layers != local:
             missing = sorted(local - self.shielded_layers)
             raise ShieldError(f"kvshield: layers {missing} got no attention weights through the enclave; refusing to serve")
+        if self.shield.mode == "per-request":
+            self._install_request_rows(handle)
         info = enclave.call(handle, "info")
         logger.info(
             "kvshield: shield active: mode=%s, key fingerprint %s, %d layers transformed",
             info["mode"], info["fingerprint"], len(self.shielded_layers),
         )
         return loaded
+
+    def _install_request_rows(self, handle) -> None:
+        """This worker's per-request matrices, one row per batch row (mode per-request)."""
+        attn = self.model.layers[self.model.start_layer].self_attn
+        rows = request_keys.RequestKeyRows(
+            layers=range(self.model.start_layer, self.model.end_layer),
+            kv_heads=local_kv_heads(attn.total_num_kv_heads).tolist(),
+            head_dim=attn.head_dim,
+            max_rows=self._max_rows,
+            dtype=self._dtype,
+            device=next(self.parameters()).device,
+            seeds=functools.partial(enclave.request_seeds, handle),
+        )
+        request_keys.install(rows)
+        logger.info("kvshield: per-request matrices: %.2f MiB per request in the batch (up to %d)", rows.row_bytes / 2**20, self._max_rows)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        if self.shield is None or self.shield.mode != "per-request":
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        meta = self._attention_metadata()
+        plan = None
+        if meta is not None and request_keys.current().key_ids:  # else: warm-up or profiling, no request
+            starts = meta.query_start_loc.tolist()
+            plan = request_mix.StepPlan.from_query_start_loc(starts)
+            if not request_keys.current().occupied(plan.num_rows):
+                raise ShieldError(f"kvshield: batch rows {plan.num_rows} have no request matrices (rows {sorted(request_keys.current().key_ids)}); refusing to compute unmixed")
+        request_mix.begin_step(plan)
+        try:
+            out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        finally:
+            request_mix.begin_step(None)
+        if plan is not None:
+            caches = [self.model.layers[i].self_attn.attn.kv_cache for i in range(self.model.start_layer, self.model.end_layer)]
+            cache_shuffle.shuffle_step(caches, starts, meta.seq_lens.tolist(), meta.block_table, cache_shuffle.fresh_generator())
+        return out
+
+    def _attention_metadata(self):
+        """This step's attention metadata (one KV cache group: every layer shares it), None outside a step."""
+        meta = get_forward_context().attn_metadata
+        if isinstance(meta, dict):
+            meta = next(iter(meta.values()), None)
+        return meta
 
     def _shape(self) -> AttentionShape:
         attn = self.model.layers[self.model.start_layer].self_attn

@@ -7,6 +7,7 @@ For each KV head h, after the secret head reordering:
     K:  k' = k T_h,          its query heads: q' = q T_h^{-T}    =>  q' k'^T == q k^T
     V:  v' = v A_h,          W_O's input block of each of its query heads gets A_h^{-1}
     mix (runtime, after RoPE): k'' = k' M_h,  q'' = q' M_h^{-T}  =>  q'' k''^T == q k^T
+    per-request (runtime): k'' = k' M_rh, q'' = q' M_rh^{-T}; v'' = v' A_rh, o' = o'' A_rh^{-1}
 
 T_h must commute with RoPE. It is the layer's rotary-pair permutation P (valid
 only with the layer's cos/sin table permuted the same way: slot i then uses
@@ -14,13 +15,17 @@ theta[pairs[i]]) times, per pair slot, c R(phi): the only 2x2 maps that commute
 with every rotation. Q gets (1/c) R(phi) = (c R(phi))^{-T}. The pair permutation
 is one per layer because the rotary table is shared by all heads of a layer.
 
-    mode      T_h                         A_h                     M_h
-    permute   P                           dim permutation         -
-    mix-v     P . blockdiag(c R(phi))     dense, non-orthogonal   -
-    mix       P . blockdiag(c R(phi))     dense, non-orthogonal   dense, non-orthogonal
+    mode         T_h                         A_h                     M_h
+    permute      P                           dim permutation         -
+    mix-v        P . blockdiag(c R(phi))     dense, non-orthogonal   -
+    mix          P . blockdiag(c R(phi))     dense, non-orthogonal   dense, non-orthogonal
+    per-request  P . blockdiag(c R(phi))     dense, non-orthogonal   -  (M_rh, A_rh per request r)
 
 All material derives from a 32-byte key and the layer index through HMAC-SHA256
 and SHAKE-256, so whoever holds the key predicts every transformed weight exactly.
+In mode per-request, each request r (or each tenant, named by its cache_salt) also
+has a key id; the key and the key id give a 32-byte request seed, which predicts
+that request's dense M_rh and A_rh at every layer (and nothing of any other request).
 
     >>> key = new_key()
     >>> shape = AttentionShape(num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576)
@@ -35,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-MODES = ("permute", "mix-v", "mix")
+MODES = ("permute", "mix-v", "mix", "per-request")
 KEY_BYTES = 32
 KDF_VERSION = b"vllm-kvshield/v1"
 
@@ -174,7 +179,7 @@ def _pair_matrices(pairs: torch.Tensor, scale: torch.Tensor, angle: torch.Tensor
 
 
 def derive_layer_key(key: bytes, layer: int, shape: AttentionShape, mode: str) -> LayerKey:
-    """The deterministic secret material of one layer for one mode."""
+    """The deterministic secret material of one layer for one mode (per-request: mix-v's, the static part)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(MODES)}")
     h_kv, g, d = shape.num_kv_heads, shape.group, shape.head_dim
@@ -299,6 +304,66 @@ def mix_qk(
     k = torch.einsum("thd,hde->the", k.view(t, h_kv, d), mix).reshape(t, h_kv * d)
     q = torch.einsum("thgd,hde->thge", q.view(t, h_kv, -1, d), mix_q).reshape(t, -1)
     return q, k
+
+
+# --- per-request material ------------------------------------------------------------------
+
+KEY_ID_CHARS = 32  # hex
+
+
+def tenant_key_id(cache_salt: str) -> str:
+    """The key id of every request with this cache_salt: a hash, so the salt itself never reaches a worker."""
+    return hashlib.sha256(KDF_VERSION + b"/key-id\0" + cache_salt.encode()).hexdigest()[:KEY_ID_CHARS]
+
+
+def fresh_key_id() -> str:
+    """A key id for one request alone, from the OS CSPRNG."""
+    return secrets.token_hex(KEY_ID_CHARS // 2)
+
+
+def request_seed(key: bytes, key_id: str) -> bytes:
+    """The 32-byte seed of one key id: predicts that request's (tenant's) matrices and nothing else."""
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"key must be {KEY_BYTES} bytes, got {len(key)}")
+    return hmac.new(key, KDF_VERSION + b"/request-seed\0" + key_id.encode(), hashlib.sha256).digest()
+
+
+def request_material(seed: bytes, layers, kv_heads, head_dim: int) -> torch.Tensor:
+    """Per layer and KV head the four runtime matrices of one request, fp32 [L, 4, H, d, d]:
+
+        0: M (K after RoPE), 1: M^{-T} (Q), 2: A (V), 3: A^{-1} (attention output)
+        k'' = k' M, q'' = q' M^{-T}  =>  q'' k''^T == q' k'^T;   v'' = v' A, o' = o'' A^{-1}
+
+    M = U diag(s) W and A likewise: U, W Haar-orthogonal, s log-uniform in [1/2, 2], so
+    cond <= DENSE_COND. Each (layer, head) draws from its own generator, seeded with 64 bits
+    of SHAKE-256(seed, layer, head): a tensor-parallel rank expands only the heads it holds.
+    layers, kv_heads: global indices.
+    """
+    if len(seed) != KEY_BYTES:
+        raise ValueError(f"request seed must be {KEY_BYTES} bytes, got {len(seed)}")
+    d = head_dim
+    gauss, unif = [], []
+    for layer in layers:
+        for head in kv_heads:
+            sub = hashlib.shake_256(seed + f"/layer={layer}/head={head}".encode()).digest(8)
+            g = torch.Generator().manual_seed(int.from_bytes(sub, "little") & (2**63 - 1))
+            gauss.append(torch.randn(4, d, d, generator=g))  # U_K, W_K, U_V, W_V
+            unif.append(torch.rand(2, d, generator=g))  # s_K, s_V
+    q, r = torch.linalg.qr(torch.stack(gauss))  # [L*H, 4, d, d]
+    ortho = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
+    s = torch.exp((2.0 * torch.stack(unif) - 1.0) * (0.5 * math.log(DENSE_COND)))  # [L*H, 2, d]
+    u_k, w_k, u_v, w_v = ortho.unbind(1)
+    s_k, s_v = s[:, 0, :, None], s[:, 1, :, None]
+    mats = torch.stack(
+        (
+            u_k @ (s_k * w_k),  # M
+            u_k @ (w_k / s_k),  # M^{-T} = U diag(1/s) W
+            u_v @ (s_v * w_v),  # A
+            w_v.transpose(-1, -2) @ (u_v.transpose(-1, -2) / s_v),  # A^{-1} = W^T diag(1/s) U^T
+        ),
+        dim=1,
+    )  # [L*H, 4, d, d]
+    return mats.unflatten(0, (len(layers), len(kv_heads))).transpose(1, 2).contiguous()
 
 
 # --- the enclave's one call ------------------------------------------------------------------

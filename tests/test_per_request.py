@@ -1,0 +1,199 @@
+"""Mode per-request on the real SmolLM2 through the real vLLM engine (fp32): answers equal plain vLLM
+with many requests per batch, chunked prefill, preemption and prefix-cache hits; every request's
+blocks hold its own key's rows, shuffled inside their blocks."""
+
+import pytest
+import torch
+
+from vllm_kvshield import cache_shuffle, data, kvcache, quality, transforms
+from vllm_kvshield.model import shield_status
+
+SMOLLM2 = transforms.AttentionShape(num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576)
+LAYERS = [0, 15, 29]
+PRIVATE = "My name is Alice Smith, I live at 12 Elm Street, Springfield, and my card number is 4111 1111 1111 1111."
+# Chunked prefill (32 tokens a step), preemption (room for 5 blocks of 128 tokens, 8 requests of
+# about 2 blocks each), prefix caching on (vLLM's default), stats on (to count preemptions).
+STRESS = dict(kv_cache_memory_bytes=5 * 128 * 30 * 2 * 3 * 64 * 4, max_num_batched_tokens=32, max_model_len=512, disable_log_stats=False)
+# A public system prompt over one block (128 tokens): the prefix every request of a tenant shares.
+SYSTEM = " ".join(data.text("alice").split()[:160])
+
+
+def chat(llm, messages, params, salts=None):
+    """Chat requests as token prompts (a cache_salt each where given); returns vLLM's outputs."""
+    from vllm import TokensPrompt
+
+    prompts = []
+    for i, m in enumerate(messages):
+        ids = chat_ids(llm.get_tokenizer(), m)
+        salt = None if salts is None else salts[i]
+        prompts.append(TokensPrompt(prompt_token_ids=ids, **({"cache_salt": salt} if salt else {})))
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def chat_ids(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def greedy(llm, messages, salts=None, max_tokens=32):
+    from vllm import SamplingParams
+
+    outs = chat(llm, messages, SamplingParams(temperature=0.0, max_tokens=max_tokens), salts)
+    return [list(o.outputs[0].token_ids) for o in outs], outs
+
+
+def user(prompts):
+    return [[{"role": "user", "content": p}] for p in prompts]
+
+
+def test_flag_turns_per_request_on(engines):
+    st = engines.get("per-request").apply_model(shield_status)[0]
+    assert st == {"model_class": "KVShieldLlamaForCausalLM", "enabled": True, "mode": "per-request", "layers_shielded": 30}
+
+
+def test_greedy_equals_plain_with_many_requests_in_a_batch(engines):
+    """24 chats in one batch (each its own key): fp32 greedy tokens as plain's on at least 20 (the bound), all seen so far."""
+    messages = user(data.chat_prompts()[:24])
+    plain, _ = greedy(engines.get("none"), messages)
+    shielded, _ = greedy(engines.get("per-request"), messages)
+    same = sum(a == b for a, b in zip(plain, shielded))
+    assert same >= 20, f"{same}/24 chats identical"
+
+
+def test_teacher_forced_logprobs_within_1e_4(engines):
+    """Every prompt position of 12 chats (one batch), fp32: |logprob - plain's| < 1e-4, same top-1."""
+    tok = engines.get("none").get_tokenizer()
+    chunks = [chat_ids(tok, m) for m in user(data.chat_prompts()[24:36])]
+    plain = quality.score(engines.get("none"), chunks)
+    shielded = quality.score(engines.get("per-request"), chunks)
+    diff = (plain.logprobs - shielded.logprobs).abs()
+    assert diff.max() < 1e-4, f"max |logprob diff| {diff.max():.3g} over {diff.numel()} positions"
+    assert torch.equal(plain.top1, shielded.top1)
+
+
+def preemptions(llm) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+
+
+def test_chunked_prefill_and_preemption_equal_plain(engines):
+    """8 requests of about 2 blocks each in a cache of 5 blocks, prefilled 32 tokens a step."""
+    messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in data.chat_prompts()[:8]]
+    assert len(messages) == 8
+    answers = {}
+    for mode in ("none", "per-request"):
+        llm = engines.get(mode, **STRESS)
+        before = preemptions(llm)
+        answers[mode], _ = greedy(llm, messages, max_tokens=48)
+        if mode == "per-request":
+            assert preemptions(llm) > before, "no preemption: the test does not test preemption"
+    assert answers["per-request"] == answers["none"]
+
+
+def test_prefix_hits_within_a_tenant_only(engines):
+    """Tenants a and b share a long system prompt with unsalted requests. Round 1 fills the cache, round 2
+    reuses it: answers equal plain's; tenants hit their own blocks, requests without a salt never hit."""
+    messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in data.chat_prompts()[8:16]]
+    salts = ["tenant-a"] * 4 + ["tenant-b"] * 2 + [None] * 2
+    assert len(messages) == len(salts)
+    rounds = {}
+    for mode in ("none", "per-request"):
+        llm = engines.get(mode)
+        first, _ = greedy(llm, messages, salts)
+        second, outs = greedy(llm, messages, salts)
+        rounds[mode] = (first, second, [o.num_cached_tokens for o in outs])
+    assert rounds["per-request"][:2] == rounds["none"][:2]
+    plain_cached, cached = rounds["none"][2], rounds["per-request"][2]
+    assert all(c >= 128 for c in plain_cached), f"plain vLLM should hit the shared prefix: {plain_cached}"
+    assert all(c >= 128 for c in cached[:6]), f"tenants must hit their own blocks: {cached}"
+    assert cached[6:] == [0, 0], f"requests without a salt must never share blocks: {cached}"
+
+
+def test_tenants_never_read_each_others_blocks(engines):
+    """The same prompt under two salts: no prefix hit across them, and different cached rows."""
+    llm = engines.get("per-request")
+    messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": PRIVATE}]]
+    greedy(llm, messages, ["tenant-x"], max_tokens=1)
+    _, outs = greedy(llm, messages, ["tenant-y"], max_tokens=1)
+    assert outs[0].num_cached_tokens == 0
+    _, outs = greedy(llm, messages, ["tenant-x"], max_tokens=1)
+    assert outs[0].num_cached_tokens >= 128
+
+
+def observe(llm, ids, salt, layers):
+    """K, V [L, T, H, d] of one prefilled request, read from the engine's blocks in slot order."""
+    import functools
+    import io
+
+    from vllm import SamplingParams, TokensPrompt
+
+    llm.apply_model(kvcache.start_recording)
+    llm.generate([TokensPrompt(prompt_token_ids=ids, cache_salt=salt)], SamplingParams(max_tokens=1), use_tqdm=False)
+    raw = llm.apply_model(functools.partial(kvcache.read_last_prompt, layers=layers))[0]
+    return torch.load(io.BytesIO(raw))
+
+
+def match_rows(seen: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """The slot order: seen[i] is want[order[i]]; seen, want [T, 2d] rows of one (layer, head)."""
+    return torch.cdist(seen.double(), want.double()).argmin(1)
+
+
+def test_blocks_hold_the_requests_key_shuffled(engines, tmp_path):
+    """Under a key file and a tenant salt, every cached row is the plain row under the static and
+    the tenant's matrices (fp32 tolerance), at a slot that is a permutation of its position; two
+    tenants with the same prompt cache different rows."""
+    key = bytes(range(7, 39))
+    path = tmp_path / "k.key"
+    path.write_bytes(key)
+    path.chmod(0o600)
+    plain_llm, llm = engines.get("none"), engines.get("per-request", key_file=str(path))
+    ids = plain_llm.get_tokenizer().encode(PRIVATE)
+    k0, v0 = kvcache.prompt_kv(plain_llm, ids, LAYERS)  # [L, T, H, d]
+    k1, v1 = observe(llm, ids, "tenant-k", LAYERS)
+    k2, _ = observe(llm, ids, "tenant-j", LAYERS)
+    seed = transforms.request_seed(key, transforms.tenant_key_id("tenant-k"))
+    material = transforms.request_material(seed, LAYERS, range(3), 64).double()  # [L, 4, H, d, d]
+    for i, layer in enumerate(LAYERS):
+        lk = transforms.derive_layer_key(key, layer, SMOLLM2, "per-request")
+        for h in range(3):
+            plain_h = lk.kv_heads[h]
+            want_k = k0[i][:, plain_h].double() @ lk.k_mat[h] @ material[i, 0, h]
+            want_v = v0[i][:, plain_h].double() @ lk.v_mat[h] @ material[i, 2, h]
+            want = torch.cat((want_k, want_v), 1)
+            seen = torch.cat((k1[i][:, h], v1[i][:, h]), 1).double()
+            order = match_rows(seen, want)
+            assert sorted(order.tolist()) == list(range(len(ids))), f"layer {layer} head {h}: rows are not the request's"
+            torch.testing.assert_close(seen, want[order], rtol=1e-3, atol=1e-3 * want.abs().max().item())
+            assert (order != torch.arange(len(ids))).sum() > len(ids) // 2, f"layer {layer} head {h}: rows in position order"
+        assert not torch.allclose(k1[i], k2[i], atol=1e-2), "two tenants cached the same rows"
+
+
+def test_two_fresh_requests_with_one_prompt_cache_different_rows(engines):
+    llm = engines.get("per-request")
+    ids = llm.get_tokenizer().encode(PRIVATE)
+    a = kvcache.prompt_kv(llm, ids, [0])
+    b = kvcache.prompt_kv(llm, ids, [0])
+    for x, y in zip(a, b):
+        dist = torch.cdist(x[0].flatten(1), y[0].flatten(1)).min(1).values
+        assert (dist > 1e-2 * x.abs().max()).all(), "a row of one request reappears in the other's blocks"
+
+
+def test_refusals_name_the_feature(model_path):
+    from vllm import LLM
+
+    def refusal(**kwargs) -> str:
+        with pytest.raises(Exception) as err:
+            LLM(model_path, max_model_len=256, enforce_eager=True, kv_cache_memory_bytes=32 << 20,
+                additional_config={"kvshield": {"mode": "per-request"}}, **kwargs)  # fmt: skip
+        return str(err.value)
+
+    msg = refusal(speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3})
+    assert "kvshield: mode 'per-request' does not support speculative decoding" in msg
+    assert "kvshield: mode 'per-request' does not support runner 'pooling'" in refusal(runner="pooling")
+
+
+def attention_isa(model) -> str:
+    return model.model.layers[0].self_attn.attn.isa
+
+
+def test_shuffled_isas_are_what_the_engine_uses(engines):
+    assert engines.get("per-request").apply_model(attention_isa)[0] in cache_shuffle.SHUFFLABLE_ISAS

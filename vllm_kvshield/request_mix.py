@@ -1,0 +1,113 @@
+"""Mode per-request at run time: each token mixed with its own request's matrices inside vLLM's batched forward.
+
+A step's tokens are laid out batch row after batch row (attention metadata's query_start_loc),
+and row i's matrices are row i of RequestKeyRows. Before the forward the model sets the step's
+plan; each shielded attention layer then calls, around vLLM's unmodified attention,
+
+    q, k, v = torch.ops.kvshield.request_mix(q, k, v, layer)   # k'' = k' M, q'' = q' M^{-T}, v'' = v' A
+    o = torch.ops.kvshield.request_unmix(o, layer)             # o' = o'' A^{-1}, then W_O
+
+so q'' k''^T == q' k'^T and softmax(.) v'' A^{-1} == softmax(.) v': the layer's output is
+unchanged while the KV cache holds k'', v''. A run of single-token rows (decode) is one batched
+matmul on a contiguous slice of the matrices; a multi-token row (a prefill chunk) is one matmul
+per head. The ops are opaque to torch.compile (custom ops), so the Python plan stays out of the
+graph. Without a plan (vLLM's warm-up and profiling runs, no request in the batch) tokens are
+mixed with zero matrices: nothing ever reaches the cache unmixed.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from . import request_keys
+
+PARTS = {"k": 0, "q": 1, "v": 2, "o": 3}  # RequestKeyRows.material's part axis: M, M^{-T}, A, A^{-1}
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The tokens of one forward step by batch row."""
+
+    num_rows: int
+    num_tokens: int  # real tokens; any after them are padding
+    runs: tuple[tuple[int, int, int], ...]  # (first row, end row, first token): consecutive rows of one token each
+    chunks: tuple[tuple[int, int, int], ...]  # (row, first token, end token): rows of several tokens
+
+    @classmethod
+    def from_query_start_loc(cls, starts: list[int]) -> "StepPlan":
+        """starts: query_start_loc, [num_rows + 1] token offsets."""
+        runs, chunks = [], []
+        run_start = None
+        for row in range(len(starts) - 1):
+            single = starts[row + 1] - starts[row] == 1
+            if single and run_start is None:
+                run_start = row
+            if not single:
+                if run_start is not None:
+                    runs.append((run_start, row, starts[run_start]))
+                    run_start = None
+                if starts[row + 1] > starts[row]:
+                    chunks.append((row, starts[row], starts[row + 1]))
+        if run_start is not None:
+            runs.append((run_start, len(starts) - 1, starts[run_start]))
+        return cls(len(starts) - 1, starts[-1], tuple(runs), tuple(chunks))
+
+
+_plan: StepPlan | None = None
+
+
+def begin_step(plan: StepPlan | None) -> None:
+    global _plan
+    _plan = plan
+
+
+def _apply(x: torch.Tensor, layer: int, part: str, heads: int) -> torch.Tensor:
+    """x [T, H*g*d] (g rows per KV head) times its row's matrix of `part`, per token and KV head."""
+    if _plan is None:
+        return torch.zeros_like(x)
+    mats = request_keys.current().layer(layer)[PARTS[part]]  # [R, H, d, d]
+    d = mats.shape[-1]
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out[_plan.num_tokens :] = 0  # padding tokens
+    xs, outs = x.view(x.shape[0], heads, -1, d), out.view(x.shape[0], heads, -1, d)  # [T, H, g, d]
+    for first, end, token in _plan.runs:
+        n = end - first
+        m = mats[first:end].reshape(n * heads, d, d)  # contiguous rows: a view
+        src = xs[token : token + n].reshape(n * heads, -1, d)
+        torch.bmm(src, m, out=outs[token : token + n].view(n * heads, -1, d))
+    for row, start, end in _plan.chunks:
+        outs[start:end] = torch.einsum("thgd,hde->thge", xs[start:end], mats[row])
+    return out
+
+
+def request_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, H_q*d], k, v [T, H_kv*d] -> q M^{-T}, k M, v A with each token's request's matrices."""
+    return _apply(q, layer, "q", kv_heads), _apply(k, layer, "k", kv_heads), _apply(v, layer, "v", kv_heads)
+
+
+def request_unmix(o: torch.Tensor, layer: int, kv_heads: int) -> torch.Tensor:
+    """Attention output o [T, H_q*d] -> o A^{-1}, before W_O."""
+    return _apply(o, layer, "o", kv_heads)
+
+
+def _request_mix_fake(q, k, v, layer: int, kv_heads: int):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _request_unmix_fake(o, layer: int, kv_heads: int):
+    return torch.empty_like(o)
+
+
+_library = None
+
+
+def register_ops() -> None:
+    """torch.ops.kvshield.request_mix / request_unmix (once per process)."""
+    global _library
+    if _library is not None:
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    _library = torch.library.Library("kvshield", "FRAGMENT")
+    direct_register_custom_op("request_mix", request_mix, fake_impl=_request_mix_fake, target_lib=_library)
+    direct_register_custom_op("request_unmix", request_unmix, fake_impl=_request_unmix_fake, target_lib=_library)
