@@ -17,7 +17,8 @@ import pytest
 
 from vllm_kvshield.bench import machine, stats, throughput
 from vllm_kvshield.bench.cli import main
-from vllm_kvshield.bench.settings import PLAIN, PROFILES, parse_modes, parse_sections
+from vllm_kvshield.bench.settings import PROFILES, parse_sections
+from vllm_kvshield.config import PLAIN_MODE, parse_modes
 
 SMOKE_MODES = ("none", "mix")
 RUN_BOUND_S = 3600  # against hangs on a busy machine, not a performance check
@@ -47,21 +48,21 @@ def test_ratio_is_taken_against_the_same_rounds_baseline():
     for r, slowdown in enumerate((1.0, 3.0, 1.7)):  # the machine's speed changes from round to round
         for s in ("a", "b"):
             base = {"round": r, "set": s, "prompt_tokens": 100, "output_tokens": 50}
-            runs.append({**base, "mode": PLAIN, "seconds": slowdown})
+            runs.append({**base, "mode": PLAIN_MODE, "seconds": slowdown})
             runs.append({**base, "mode": "mix", "seconds": 2 * slowdown})
-    summary = throughput.summarize(runs, (PLAIN, "mix"))
+    summary = throughput.summarize(runs, (PLAIN_MODE, "mix"))
     assert summary["mix"]["ratio_to_none"] == pytest.approx(0.5)
     assert summary["mix"]["ratio_spread"]["min"] == pytest.approx(0.5) == summary["mix"]["ratio_spread"]["max"]
-    assert summary[PLAIN]["ratio_to_none"] == 1.0
-    assert summary[PLAIN]["tokens_per_s"] == pytest.approx(150 / 1.7)  # median round
+    assert summary[PLAIN_MODE]["ratio_to_none"] == 1.0
+    assert summary[PLAIN_MODE]["tokens_per_s"] == pytest.approx(150 / 1.7)  # median round
     assert set(summary["mix"]["by_set"]) == {"a", "b"} and summary["mix"]["runs"] == 3
 
 
 def test_modes_and_sections_are_checked():
-    assert parse_modes("mix,none") == ("none", "mix")
+    assert parse_modes("mix,none", baseline=True) == ("none", "mix")
     for bad in ("none,rot13", "mix", "none", "none,mix,mix"):
         with pytest.raises(ValueError, match="^kvshield: "):
-            parse_modes(bad)
+            parse_modes(bad, baseline=True)
     assert parse_sections("ablation,offline") == ("offline", "ablation")
     with pytest.raises(ValueError, match="offline, servers, ablation"):
         parse_sections("gpu")
@@ -142,7 +143,7 @@ def test_throughput_schema(smoke):
         assert x["runs"] == settings["repetitions"]
         assert x["ratio_spread"]["min"] <= x["ratio_to_none"] <= x["ratio_spread"]["max"]
         assert set(x["by_set"]) == set_names
-    assert result["throughput"][PLAIN]["ratio_to_none"] == 1.0
+    assert result["throughput"][PLAIN_MODE]["ratio_to_none"] == 1.0
     runs = result["throughput_runs"]
     assert len(runs) == settings["repetitions"] * len(set_names) * len(SMOKE_MODES)
     for r in range(settings["repetitions"]):
@@ -159,7 +160,7 @@ def test_quality_is_relative_to_plain(smoke):
     result, _ = smoke
     quality = result["quality"]
     assert set(quality) == set(SMOKE_MODES)
-    plain = quality[PLAIN]
+    plain = quality[PLAIN_MODE]
     assert plain["top1_agreement"] == 1.0 and plain["mean_abs_logprob_diff"] == 0.0
     assert plain["perplexity"] == plain["perplexity_plain"] > 1.0
     s = result["settings"]
@@ -188,7 +189,7 @@ def test_servers_enclave_and_ablation_schema(smoke, layers):
         assert serving[kind]["completed"] == s["serving_requests"] and serving[kind]["failed"] == 0
         assert serving[kind]["total_output_tokens"] == s["serving_requests"] * s["serving_output_len"]
     assert set(startup["overhead"]) >= {"health_ready", "peak_rss"}
-    assert set(result["enclave_transform"]) == set(SMOKE_MODES) - {PLAIN}
+    assert set(result["enclave_transform"]) == set(SMOKE_MODES) - {PLAIN_MODE}
     assert set(result["idle_cpu_cores"]) == set(SMOKE_MODES)
     assert all(cores >= 0 for cores in result["idle_cpu_cores"].values())
     assert all(x["layers"] == layers for x in result["enclave_transform"].values())

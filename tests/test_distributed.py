@@ -27,7 +27,8 @@ import checkpoints
 import pytest
 import torch
 
-from vllm_kvshield import data, quality, transforms
+from vllm_kvshield import data, transforms
+from vllm_kvshield.bench import quality
 
 KEY = bytes(range(7, 39))
 

@@ -34,6 +34,7 @@ from vllm_kvshield.keys import read_key_file, write_key_file
 from vllm_kvshield.launch import SERVER_MODULE, ServePlan
 from vllm_kvshield.model import ATTENTION_TENSOR
 from vllm_kvshield.serve import Server
+from vllm_kvshield.server_process import health_ok
 from vllm_kvshield.transforms import fingerprint
 
 ENGINE = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20)]
@@ -153,7 +154,7 @@ def plain(model_path, tmp_path_factory) -> PlainRun:
     server = Server(plan, str(tmp_path_factory.mktemp("plain") / "vllm.log"), verbose=False)
     try:
         deadline = time.monotonic() + START_BOUND_S
-        while not server.healthy():
+        while not health_ok(f"{url}/health"):
             assert server.proc.poll() is None, f"the plain server exited; log: {server.output.log_path}"
             assert time.monotonic() < deadline, f"the plain server was not up within {START_BOUND_S} s"
             time.sleep(1)

@@ -22,7 +22,8 @@ import psutil
 import pytest
 import torch
 
-from vllm_kvshield import data, quality
+from vllm_kvshield import data
+from vllm_kvshield.bench import quality
 from vllm_kvshield.keys import read_key_file, write_key_file
 from vllm_kvshield.transforms import fingerprint
 
