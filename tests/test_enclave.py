@@ -81,13 +81,21 @@ def test_malformed_ray_address_is_named(address):
         ray_session.init_ray(address, "kvshield-enclave-unused")
 
 
-def test_enclave_exposes_no_key_material(tmp_path):
-    """info() and repr() carry the fingerprint and counters, never the key or a value derived from it but the fingerprint."""
+def test_enclave_exposes_no_key_material(tmp_path, monkeypatch):
+    """info(), repr() and what transform() sends back (serialized, as Ray ships it) carry the fingerprint and
+    derived material, never the key: not its bytes, hex (both cases), base64 or list of byte values."""
+    import base64
+    import pickle
+    from types import SimpleNamespace
+
     import torch
 
-    from vllm_kvshield import transforms
+    from vllm_kvshield import enclave, transforms
     from vllm_kvshield.enclave import Enclave
 
+    # info() asks Ray for the actor's ids; outside an actor that would start a Ray in the test process
+    ids = SimpleNamespace(get_actor_id=lambda: "actor-id", get_node_id=lambda: "node-id")
+    monkeypatch.setattr(enclave.ray, "get_runtime_context", lambda: ids)
     key = bytes(range(100, 132))
     path = tmp_path / "k.key"
     path.write_bytes(key)
@@ -95,10 +103,15 @@ def test_enclave_exposes_no_key_material(tmp_path):
     actor = Enclave("mix", str(path))
     shape = transforms.AttentionShape(num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32)
     tensors = {name: torch.randn(size) for name, size in transforms.expected_shapes(shape).items() if "weight" in name}
-    actor.transform(0, shape, tensors, torch.float32)
-    text = repr(actor) + repr({k: v for k, v in vars(actor).items() if k != "_key"})
-    for form in (key.hex(), key.hex().upper(), __import__("base64").b64encode(key).decode(), str(list(key))):
+    sent_back = pickle.dumps(actor.transform(0, shape, tensors, torch.float32))
+    info = actor.info()
+    assert info["layers_transformed"] == info["transform_calls"] == 1 and info["fingerprint"] == transforms.fingerprint(key)
+    text = repr(actor) + repr({k: v for k, v in vars(actor).items() if k != "_key"}) + repr(info)
+    forms = (key.hex(), key.hex().upper(), base64.b64encode(key).decode(), str(list(key)))
+    for form in forms:
         assert form not in text
+    for raw in (key, *(form.encode() for form in forms)):
+        assert raw not in sent_back and raw not in pickle.dumps(info)
     assert transforms.fingerprint(key) in text
     assert not any(name for name in dir(actor) if "key" in name.lower() and not name.startswith("_")), dir(actor)
 
