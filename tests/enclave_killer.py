@@ -22,8 +22,7 @@ import time
 import psutil
 import ray
 
-from vllm_kvshield import enclave, metrics
-from vllm_kvshield.config import ShieldConfig
+from vllm_kvshield import metrics, ray_session
 
 WAIT_S = 900.0  # bounds against hangs on a busy machine
 POLL_S = 0.01
@@ -48,7 +47,7 @@ def record_name() -> str | None:
 
 def actor(name: str):
     try:
-        return ray.get_actor(name, namespace=enclave.NAMESPACE)
+        return ray.get_actor(name, namespace=ray_session.NAMESPACE)
     except ValueError:
         return None
 
@@ -83,7 +82,7 @@ def kill(handle) -> None:
 def main(argv: list[str]) -> None:
     when = argv[0]
     name = wait_for("address record", record_name)
-    address, auth_mode = metrics.enclave_ray_address(ShieldConfig(), name, None)
+    address, auth_mode = ray_session.server_ray(None, name, None)
     metrics.join_ray(address, auth_mode, name)
     handle = wait_for("enclave actor", lambda: actor(name))
     if when == "now":

@@ -43,12 +43,12 @@ def test_each_server_gets_a_private_ray_shared_by_its_workers():
     A Ray started by a process dies with it, and Ray kills every driver that joined it: a server
     must never join another server's Ray by accident.
     """
-    from vllm_kvshield import enclave
+    from vllm_kvshield import ray_session
 
     server_a, server_b = f"kvshield-enclave-test-{uuid.uuid4().hex}", f"kvshield-enclave-test-{uuid.uuid4().hex}"
     first = start_worker(server_a, linger_s=20)
     deadline = time.time() + 120
-    while not os.path.exists(enclave.address_file(server_a)):
+    while not os.path.exists(ray_session.address_file(server_a)):
         assert first.poll() is None and time.time() < deadline, first.communicate()[1][-3000:]
         time.sleep(0.5)
     second, other = start_worker(server_a, linger_s=0), start_worker(server_b, linger_s=0)
@@ -56,38 +56,46 @@ def test_each_server_gets_a_private_ray_shared_by_its_workers():
     a1 = facts(first)
     assert a1 == a2, (a1, a2)
     assert b["RAY"] != a1["RAY"], (a1, b)
-    assert not os.path.exists(enclave.address_file(server_a)), "the first worker leaves its record behind"
+    assert not os.path.exists(ray_session.address_file(server_a)), "the first worker leaves its record behind"
 
 
 def test_a_server_whose_ray_is_gone_refuses(tmp_path, monkeypatch):
     """A later worker that finds its server's Ray gone refuses instead of starting a Ray (and key) of its own."""
-    from vllm_kvshield import enclave
+    from vllm_kvshield import ray_session
     from vllm_kvshield.config import ShieldError
 
     deployment = f"kvshield-enclave-test-{uuid.uuid4().hex}"
-    monkeypatch.setattr(enclave.tempfile, "gettempdir", lambda: str(tmp_path))
-    with open(enclave.address_file(deployment), "w") as f:
+    monkeypatch.setattr(ray_session.tempfile, "gettempdir", lambda: str(tmp_path))
+    with open(ray_session.address_file(deployment), "w") as f:
         f.write('{"address": "127.0.0.1:9", "auth_mode": "token"}')
     with pytest.raises(ShieldError, match=r"the Ray at 127\.0\.0\.1:9 this server's first worker started is gone"):
-        enclave.init_ray(None, deployment)
+        ray_session.init_ray(None, deployment)
 
 
 @pytest.mark.parametrize("address", ["nohost", "127.0.0.1:x", "ray://127.0.0.1"])
 def test_malformed_ray_address_is_named(address):
-    from vllm_kvshield import enclave
+    from vllm_kvshield import ray_session
     from vllm_kvshield.config import ShieldError
 
     with pytest.raises(ShieldError, match=f"ray_address {address!r} is not host:port"):
-        enclave.init_ray(address, "kvshield-enclave-unused")
+        ray_session.init_ray(address, "kvshield-enclave-unused")
 
 
-def test_enclave_exposes_no_key_material(tmp_path):
-    """info() and repr() carry the fingerprint and counters, never the key or a value derived from it but the fingerprint."""
+def test_enclave_exposes_no_key_material(tmp_path, monkeypatch):
+    """info(), repr() and what transform() sends back (serialized, as Ray ships it) carry the fingerprint and
+    derived material, never the key: not its bytes, hex (both cases), base64 or list of byte values."""
+    import base64
+    import pickle
+    from types import SimpleNamespace
+
     import torch
 
-    from vllm_kvshield import transforms
+    from vllm_kvshield import enclave, transforms
     from vllm_kvshield.enclave import Enclave
 
+    # info() asks Ray for the actor's ids; outside an actor that would start a Ray in the test process
+    ids = SimpleNamespace(get_actor_id=lambda: "actor-id", get_node_id=lambda: "node-id")
+    monkeypatch.setattr(enclave.ray, "get_runtime_context", lambda: ids)
     key = bytes(range(100, 132))
     path = tmp_path / "k.key"
     path.write_bytes(key)
@@ -95,10 +103,15 @@ def test_enclave_exposes_no_key_material(tmp_path):
     actor = Enclave("mix", str(path))
     shape = transforms.AttentionShape(num_heads=4, num_kv_heads=2, head_dim=8, hidden_size=32)
     tensors = {name: torch.randn(size) for name, size in transforms.expected_shapes(shape).items() if "weight" in name}
-    actor.transform(0, shape, tensors, torch.float32)
-    text = repr(actor) + repr({k: v for k, v in vars(actor).items() if k != "_key"})
-    for form in (key.hex(), key.hex().upper(), __import__("base64").b64encode(key).decode(), str(list(key))):
+    sent_back = pickle.dumps(actor.transform(0, shape, tensors, torch.float32))
+    info = actor.info()
+    assert info["layers_transformed"] == info["transform_calls"] == 1 and info["fingerprint"] == transforms.fingerprint(key)
+    text = repr(actor) + repr({k: v for k, v in vars(actor).items() if k != "_key"}) + repr(info)
+    forms = (key.hex(), key.hex().upper(), base64.b64encode(key).decode(), str(list(key)))
+    for form in forms:
         assert form not in text
+    for raw in (key, *(form.encode() for form in forms)):
+        assert raw not in sent_back and raw not in pickle.dumps(info)
     assert transforms.fingerprint(key) in text
     assert not any(name for name in dir(actor) if "key" in name.lower() and not name.startswith("_")), dir(actor)
 
@@ -108,14 +121,14 @@ def test_records_of_gone_servers_are_swept(tmp_path, monkeypatch):
     import json
     import socket
 
-    from vllm_kvshield import enclave
+    from vllm_kvshield import ray_session
 
-    monkeypatch.setattr(enclave.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(ray_session.tempfile, "gettempdir", lambda: str(tmp_path))
     with socket.create_server(("127.0.0.1", 0)) as live:
         records = {}
         for name, address in (("gone", "127.0.0.1:9"), ("live", f"127.0.0.1:{live.getsockname()[1]}"), ("torn", None)):
-            records[name] = enclave.address_file(f"kvshield-enclave-{name}")
+            records[name] = ray_session.address_file(f"kvshield-enclave-{name}")
             with open(records[name], "w") as f:
                 f.write(json.dumps({"address": address, "auth_mode": "token"}) if address else '{"addr')
-        enclave._sweep_stale_records()
+        ray_session.sweep_stale_records()
     assert [n for n, path in records.items() if os.path.exists(path)] == ["live"]

@@ -3,13 +3,45 @@
     pytest tests/test_keys.py
 """
 
+import builtins
+import errno
 import os
 import stat
 
 import pytest
 from test_cli import assert_refused, kvshield
 
+from vllm_kvshield.config import ShieldConfigError
 from vllm_kvshield.keys import read_key_file, write_key_file
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644, 0o400, 0o600])
+def test_a_key_file_any_group_or_other_bit_opens_is_refused(tmp_path, mode):
+    """Owner-only modes are accepted; group-readable, other-readable and group-writable ones are refused."""
+    path = tmp_path / "k.key"
+    write_key_file(str(path))
+    path.chmod(mode)
+    if mode & 0o077:
+        with pytest.raises(ShieldConfigError, match=f"has mode {mode:04o}; it must not be readable by group or others"):
+            read_key_file(str(path))
+    else:
+        assert len(read_key_file(str(path))) == 32
+
+
+def test_a_key_file_that_cannot_be_opened_is_refused_even_as_root(tmp_path, monkeypatch):
+    """root reads a mode-000 file, so the permission error is simulated: open() of the key file raises EACCES."""
+    path = tmp_path / "k.key"
+    write_key_file(str(path))
+    real_open = builtins.open
+
+    def denied(file, *args, **kwargs):
+        if os.fspath(file) == str(path):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(ShieldConfigError, match=f"key_file {str(path)!r} cannot be read: Permission denied"):
+        read_key_file(str(path))
 
 
 @pytest.mark.parametrize("problem", ["no-read-permission", "directory", "fifo"])
@@ -17,7 +49,7 @@ def test_serve_refuses_a_key_file_it_cannot_read(tmp_path, problem):
     path = tmp_path / "bad.key"
     if problem == "no-read-permission":
         if os.geteuid() == 0:
-            pytest.skip("root reads a mode-000 file; the directory and FIFO cases stand in")
+            pytest.skip("root reads a mode-000 file; test_a_key_file_that_cannot_be_opened_is_refused_even_as_root simulates it")
         write_key_file(str(path))
         path.chmod(0o200)
         expected = "cannot be read"

@@ -9,12 +9,16 @@ from argparse import Namespace
 
 import pytest
 
+from vllm_kvshield import launch
 from vllm_kvshield.config import DEFAULT_MODE, ShieldConfigError
+from vllm_kvshield.keys import write_key_file
 from vllm_kvshield.launch import (
     BLOCK_ALIGN,
     CPU_KV_CACHE_BYTES,
     LaunchError,
     check_model,
+    check_shield,
+    check_shortcuts,
     cpu_defaults,
     has_option,
     kv_bytes_per_token,
@@ -81,6 +85,22 @@ def test_merge_defaults_the_mode_and_makes_key_file_absolute(tmp_path, monkeypat
 def test_merge_refuses_bad_shield_configs(raw):
     with pytest.raises(ShieldConfigError, match="^kvshield: "):
         merge_shield_config(raw, {})
+
+
+def test_the_key_file_and_ray_address_are_checked_once(tmp_path, monkeypatch):
+    """The shortcuts are checked before vLLM is imported; after the merge only what --additional-config added is."""
+    key_file = tmp_path / "k.key"
+    write_key_file(str(key_file))
+    reads, probes = [], []
+    monkeypatch.setattr(launch, "check_key_file", lambda shield: reads.append(shield.key_file) or "fp")
+    monkeypatch.setattr(launch, "check_ray_address", lambda shield: probes.append(shield.ray_address))
+    early = check_shortcuts({"mode": "mix", "key_file": str(key_file), "ray_address": "10.0.0.5:6379"})
+    _, merged = merge_shield_config({"kvshield": {"mode": "permute"}}, {"mode": None, "key_file": str(key_file), "ray_address": "10.0.0.5:6379"})
+    assert check_shield(merged, early).fingerprint == "fp"
+    assert reads == [str(key_file)] and probes == ["10.0.0.5:6379"]
+    _, added = merge_shield_config({"kvshield": {"ray_address": "10.0.0.6:6379"}}, {"mode": None, "key_file": str(key_file), "ray_address": None})
+    check_shield(added, check_shortcuts({"mode": None, "key_file": str(key_file), "ray_address": None}))
+    assert reads == [str(key_file)] * 2 and probes == ["10.0.0.5:6379", None, "10.0.0.6:6379"]
 
 
 def test_cpu_defaults_size_the_kv_cache_only_when_the_user_did_not(hf_config):

@@ -34,6 +34,7 @@ from vllm_kvshield.keys import read_key_file, write_key_file
 from vllm_kvshield.launch import SERVER_MODULE, ServePlan
 from vllm_kvshield.model import ATTENTION_TENSOR
 from vllm_kvshield.serve import Server
+from vllm_kvshield.server_process import health_ok
 from vllm_kvshield.transforms import fingerprint
 
 ENGINE = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20)]
@@ -52,17 +53,29 @@ KILLER = Path(__file__).with_name("enclave_killer.py")
 KILLER_BOUND_S = 900  # bounds against hangs on a busy machine, not performance checks
 REQUEST_BOUND_S = 600
 WARNING_WAIT_S = 30.0  # vLLM's stat loop (every 10 s) or a scrape notices a dead actor
+# A test here may wait for a server start and REQUESTS answers (its fixtures), or for the killer: more than the default.
+pytestmark = pytest.mark.timeout(1800)
 
 
-def chat_requests() -> list[dict]:
-    """REQUESTS distinct greedy chat requests: every prompt of the shipped set under several system prompts."""
+def all_chat_requests() -> list[dict]:
+    """Distinct greedy chat requests: every prompt of the shipped set under several system prompts."""
     bodies = []
     for system in SYSTEM_PROMPTS:
         for prompt in data.chat_prompts():
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             bodies.append({"model": SERVED_NAME, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0})
-    assert len(bodies) >= REQUESTS, len(bodies)
-    return bodies[:REQUESTS]
+    assert len(bodies) > REQUESTS, len(bodies)
+    return bodies
+
+
+def chat_requests() -> list[dict]:
+    """The REQUESTS requests both servers answer under load."""
+    return all_chat_requests()[:REQUESTS]
+
+
+def held_out_request() -> dict:
+    """A request the shielded server is sent only after its enclave is gone: its prefix is in no cache."""
+    return all_chat_requests()[REQUESTS]
 
 
 def answer_all(base_url: str, bodies: list[dict]) -> list[str]:
@@ -139,7 +152,8 @@ def test_enclave_killed_in_the_middle_of_loading_refuses_the_start(model_path):
 @dataclass
 class PlainRun:
     metrics: str
-    answers: list[str]
+    answers: list[str]  # of chat_requests()
+    held_out_answer: str  # of held_out_request()
 
 
 @pytest.fixture(scope="module")
@@ -153,12 +167,13 @@ def plain(model_path, tmp_path_factory) -> PlainRun:
     server = Server(plan, str(tmp_path_factory.mktemp("plain") / "vllm.log"), verbose=False)
     try:
         deadline = time.monotonic() + START_BOUND_S
-        while not server.healthy():
+        while not health_ok(f"{url}/health"):
             assert server.proc.poll() is None, f"the plain server exited; log: {server.output.log_path}"
             assert time.monotonic() < deadline, f"the plain server was not up within {START_BOUND_S} s"
             time.sleep(1)
         answers = answer_all(f"{url}/v1", chat_requests())
-        return PlainRun(scrape(port), answers)
+        (held_out,) = answer_all(f"{url}/v1", [held_out_request()])
+        return PlainRun(scrape(port), answers, held_out)
     finally:
         server.stop()
 
@@ -289,8 +304,8 @@ def test_server_keeps_serving_when_the_enclave_dies_later(shielded, plain):
         assert value(fams, "kvshield_enclave_up") == 0
         assert value(fams, "kvshield_enabled") == 1
         assert fams["kvshield_info"].samples[0].labels["key_fingerprint"] == fingerprint(shielded.key)
-    body = chat_requests()[0]
-    assert post(f"{shielded.base_url}/chat/completions", body)["choices"][0]["message"]["content"] == plain.answers[0]
+    body = held_out_request()  # never sent to this server before: computed now, through the transformed weights
+    assert post(f"{shielded.base_url}/chat/completions", body)["choices"][0]["message"]["content"] == plain.held_out_answer
     warnings = GONE_WARNING.findall(shielded.log.read_text())
     assert len(warnings) == 1, warnings
     assert shielded.process.proc.poll() is None, "the server stopped"

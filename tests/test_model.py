@@ -9,7 +9,9 @@ import os
 import pytest
 import torch
 
-from vllm_kvshield import data, kvcache, quality, transforms
+from vllm_kvshield import data, transforms
+from vllm_kvshield.attack import kvcache
+from vllm_kvshield.bench import quality
 from vllm_kvshield.model import shield_status
 
 SMOLLM2 = transforms.AttentionShape(num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576)

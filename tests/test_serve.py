@@ -1,7 +1,8 @@
 """Real `kvshield serve` processes: ready only with the shield proven on, clean errors, clean shutdown.
 
 Three servers: a compiled shielded one that answers like plain vLLM (then Ctrl-C), one with the plugin excluded
-(must never report ready), one that vLLM refuses while starting (the kvshield line is the error).
+(must never report ready), one that vLLM refuses while starting (the kvshield line is the error). The readiness
+check's other refusals (wrong mode, key or layer count) are tested on log lines alone.
 
     pytest tests/test_serve.py
 """
@@ -22,8 +23,13 @@ import psutil
 import pytest
 import torch
 
-from vllm_kvshield import data, quality
+from vllm_kvshield import data
+from vllm_kvshield.bench import quality
+from vllm_kvshield.config import ShieldConfig
 from vllm_kvshield.keys import read_key_file, write_key_file
+from vllm_kvshield.launch import ServePlan
+from vllm_kvshield.serve import StartFailed, check_reports
+from vllm_kvshield.shield_status import ShieldStatus
 from vllm_kvshield.transforms import fingerprint
 
 KVSHIELD = Path(sys.executable).with_name("kvshield")
@@ -123,6 +129,50 @@ class ServeProcess:
                 pass
 
 
+# --- the readiness check, on the workers' log lines (no server) -------------------------------------------
+
+WORKER_LINE = "(EngineCore_DP0 pid=4242) INFO 12-02 10:00:00 [model.py:141] kvshield: shield active: mode={}, key fingerprint {}, {} layers transformed"
+FP, OTHER_FP = "9b22e610081279f4", "0514039de6a7a718"
+
+
+def readiness(lines: list[str], mode="mix", key_fingerprint=FP, layers=30) -> ShieldStatus:
+    """What `kvshield serve` concludes from these server output lines, for a plan asking mode/key/layers."""
+    plan = ServePlan(["python"], "http://127.0.0.1:8000", "http://127.0.0.1:8000/health", ShieldConfig(mode=mode),
+                     expected_fingerprint=key_fingerprint, expected_layers=layers)
+    return check_reports([s for s in map(ShieldStatus.from_log_line, lines) if s is not None], plan)
+
+
+def test_readiness_reads_the_workers_shield_lines():
+    assert readiness([WORKER_LINE.format("mix", FP, 30), WORKER_LINE.format("mix", FP, 30)]) == ShieldStatus("mix", 30, FP)
+    assert readiness([WORKER_LINE.format("mix", OTHER_FP, 15)], key_fingerprint=None, layers=None).fingerprint == OTHER_FP
+
+
+@pytest.mark.parametrize(
+    "lines, refusal",
+    [
+        ([], "started WITHOUT the shield"),
+        (["INFO kvshield: metrics on /metrics: mode=mix, key fingerprint 9b22e610081279f4, 30 layers shielded"], "started WITHOUT the shield"),
+        ([WORKER_LINE.format("permute", FP, 30)], "mode 'permute', 'mix' was asked for"),
+        ([WORKER_LINE.format("mix", OTHER_FP, 30)], f"key fingerprint {OTHER_FP}, the key file has {FP}"),
+        ([WORKER_LINE.format("mix", FP, 29)], "29 layers transformed, the model has 30"),
+        ([WORKER_LINE.format("mix", FP, 30), WORKER_LINE.format("mix-v", FP, 30)], "mode 'mix-v', 'mix' was asked for"),
+    ],
+    ids=["no-line", "other-line", "wrong-mode", "wrong-fingerprint", "wrong-layers", "one-worker-wrong"],
+)
+def test_readiness_refuses_every_wrong_shield(lines, refusal):
+    with pytest.raises(StartFailed, match=refusal):
+        readiness(lines)
+
+
+def test_readiness_refuses_workers_with_different_keys():
+    lines = [WORKER_LINE.format("mix", FP, 15), WORKER_LINE.format("mix", OTHER_FP, 15)]
+    with pytest.raises(StartFailed, match="workers use different keys"):
+        readiness(lines, key_fingerprint=None, layers=None)
+
+
+# --- real servers ----------------------------------------------------------------------------------------
+
+
 def post(url: str, body: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=300) as r:
@@ -141,6 +191,7 @@ def served_scores(base_url: str, chunks: list[list[int]]) -> quality.Scores:
     return quality.Scores(torch.tensor(logprobs, dtype=torch.float64), torch.tensor(top1))
 
 
+@pytest.mark.timeout(START_BOUND_S)  # a compiled server start on a busy machine, then two chunks of Alice
 def test_serve_answers_with_the_shield_on_and_stops_cleanly(tmp_path, engines):
     """Compiled (no --enforce-eager): the serving path the engine tests do not cover."""
     plain = engines.get("none", "bfloat16")

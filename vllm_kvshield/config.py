@@ -9,6 +9,9 @@ from .transforms import MODES
 
 CONFIG_KEY = "kvshield"
 DEFAULT_MODE = "mix"
+# What the evaluation tools (attack, bench) compare: the plugin installed without the flag, then every mode.
+PLAIN_MODE = "none"
+COMPARED_MODES = (PLAIN_MODE, *MODES)
 
 # Loaders that stream checkpoint tensors through model.load_weights (the others bypass the enclave).
 SUPPORTED_LOAD_FORMATS = ("auto", "hf", "safetensors", "pt", "npcache", "fastsafetensors")
@@ -131,3 +134,30 @@ def check_per_request(vllm_config) -> None:
         if isa not in SHUFFLABLE_ISAS:
             refuse(f"CPU attention ISA {isa!r}", f"its KV block layout is not the one the row shuffle moves; accepted: {', '.join(SHUFFLABLE_ISAS)}")
 
+
+
+def parse_modes(text: str, baseline: bool = False) -> tuple[str, ...]:
+    """A comma-separated list of COMPARED_MODES: known ones, none twice, in COMPARED_MODES' order.
+
+    baseline: the list must hold PLAIN_MODE and at least one shield mode (a comparison against plain).
+    """
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in COMPARED_MODES]
+    if unknown or not modes:
+        raise ShieldConfigError(
+            f"kvshield: unknown mode(s) {', '.join(unknown) or repr(text)}; accepted: {', '.join(COMPARED_MODES)}"
+        )
+    if len(set(modes)) != len(modes):
+        raise ShieldConfigError(f"kvshield: mode listed twice in {text!r}")
+    if baseline and (PLAIN_MODE not in modes or len(modes) < 2):
+        raise ShieldConfigError(
+            f"kvshield: --modes needs the baseline {PLAIN_MODE!r} and at least one of {', '.join(MODES)}, got {text!r}"
+        )
+    return tuple(m for m in COMPARED_MODES if m in modes)
+
+
+def additional_config(mode: str) -> dict:
+    """vLLM's additional_config for one of COMPARED_MODES: the flag with that mode; none for PLAIN_MODE."""
+    if mode not in COMPARED_MODES:
+        raise ShieldConfigError(f"kvshield: unknown mode {mode!r}; accepted: {', '.join(COMPARED_MODES)}")
+    return {} if mode == PLAIN_MODE else {CONFIG_KEY: {"mode": mode}}

@@ -85,12 +85,16 @@ def merge_shield_config(additional_config: dict, shortcuts: dict) -> tuple[dict,
     raw = additional_config.get(CONFIG_KEY, {})
     if not isinstance(raw, dict):
         raise ShieldConfigError(f"kvshield: config must be a JSON object, got {raw!r}")
-    raw = {"mode": DEFAULT_MODE, **raw, **{k: v for k, v in shortcuts.items() if v is not None}}
-    if isinstance(raw.get("key_file"), str) and raw["key_file"]:
-        # the enclave actor may run in another working directory
-        raw["key_file"] = os.path.abspath(os.path.expanduser(raw["key_file"]))
+    raw = absolute_key_file({"mode": DEFAULT_MODE, **raw, **{k: v for k, v in shortcuts.items() if v is not None}})
     shield = ShieldConfig.from_dict(raw)
     return {**additional_config, CONFIG_KEY: raw}, shield
+
+
+def absolute_key_file(raw: dict) -> dict:
+    """A raw kvshield config with its key_file made absolute: the enclave actor may run in another working directory."""
+    if isinstance(raw.get("key_file"), str) and raw["key_file"]:
+        return {**raw, "key_file": os.path.abspath(os.path.expanduser(raw["key_file"]))}
+    return raw
 
 
 def check_key_file(shield: ShieldConfig) -> str | None:
@@ -106,9 +110,9 @@ def check_key_file(shield: ShieldConfig) -> str | None:
 def check_ray_address(shield: ShieldConfig) -> None:
     """Refuse an unreachable Ray address now: ray.init on one retries for many minutes."""
     if shield.ray_address is not None and shield.ray_address != "auto":
-        from .enclave import _check_reachable
+        from .ray_session import check_reachable
 
-        _check_reachable(shield.ray_address)
+        check_reachable(shield.ray_address)
 
 
 def check_logging(env) -> None:
@@ -172,15 +176,14 @@ def check_model(model: str, hf_config: dict, hf_overrides, quantization: str | N
 
 def kv_bytes_per_token(hf_config: dict, dtype: str, kv_cache_dtype: str) -> int:
     """Bytes the KV cache holds per token over all layers (K and V)."""
-    layers = hf_config["num_hidden_layers"]
-    heads = hf_config["num_attention_heads"]
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
+    from .hf_config import attention_shape
+
+    shape = attention_shape(hf_config)
     name = kv_cache_dtype if kv_cache_dtype not in (None, "auto") else dtype
     if name in (None, "auto"):
         name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "bfloat16"
     element = 4 if str(name) in ("float32", "float", "torch.float32") else 2
-    return 2 * layers * kv_heads * head_dim * element
+    return 2 * hf_config["num_hidden_layers"] * shape.num_kv_heads * shape.head_dim * element
 
 
 def cpu_defaults(ns: Namespace, defaults: Namespace, hf_config: dict | None, env) -> list[str]:
@@ -260,17 +263,37 @@ class _VllmArgs:
         return ns
 
 
-def check_shortcuts(shortcuts: dict) -> None:
+@dataclass(frozen=True)
+class CheckedShield:
+    """A kvshield config whose key file and Ray address were checked, with the key file's fingerprint."""
+
+    shield: ShieldConfig
+    fingerprint: str | None
+
+
+def check_shield(shield: ShieldConfig, checked: CheckedShield | None = None) -> CheckedShield:
+    """Check the key file and the Ray address of `shield`, each unless `checked` already checked that value."""
+    if checked is not None and shield.key_file == checked.shield.key_file:
+        fingerprint = checked.fingerprint
+    else:
+        fingerprint = check_key_file(shield)
+    if checked is None or shield.ray_address != checked.shield.ray_address:
+        check_ray_address(shield)
+    return CheckedShield(shield, fingerprint)
+
+
+def check_shortcuts(shortcuts: dict) -> CheckedShield:
     """Validate the shortcut options alone, before vLLM is imported (fast refusals)."""
-    shield = ShieldConfig.from_dict({k: v for k, v in shortcuts.items() if v is not None})
-    if shield.key_file is not None:
-        check_key_file(ShieldConfig(key_file=os.path.abspath(os.path.expanduser(shield.key_file))))
-    check_ray_address(shield)
+    return check_shield(ShieldConfig.from_dict(absolute_key_file({k: v for k, v in shortcuts.items() if v is not None})))
 
 
 def plan_serve(model: str | None, shortcuts: dict, vllm_args: list[str], env=os.environ, log=print) -> ServePlan:
-    """Check everything that can be checked before vLLM starts; return the server command."""
-    check_shortcuts(shortcuts)
+    """Check everything that can be checked before vLLM starts, each thing once; return the server command.
+
+    The shortcut options are checked first (before vLLM is imported); once vLLM's parser has read
+    --additional-config, only what it adds (a key file or Ray address no shortcut gave) is checked.
+    """
+    early = check_shortcuts(shortcuts)
     check_logging(env)
     vllm = _VllmArgs()
     ns = vllm.parse(vllm_args)
@@ -284,8 +307,7 @@ def plan_serve(model: str | None, shortcuts: dict, vllm_args: list[str], env=os.
         raise LaunchError("kvshield: --uds is not supported (readiness is checked over TCP); use --host/--port")
 
     additional, shield = merge_shield_config(ns.additional_config or {}, shortcuts)
-    fingerprint = check_key_file(shield)
-    check_ray_address(shield)
+    fingerprint = check_shield(shield, early).fingerprint
 
     served_name: list[str] = []
     if model is None:

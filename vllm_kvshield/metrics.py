@@ -27,8 +27,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
-from . import enclave
+from . import ray_session
 from .config import ShieldConfig, ShieldConfigError, ShieldError
+from .enclave import enclave_name
+from .shield_status import ShieldStatus
 
 logger = logging.getLogger("vllm.plugins.kvshield")  # under "vllm": vLLM's handlers and format
 
@@ -41,9 +43,7 @@ TRANSFORM_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 class EnclaveFacts:
     """What the enclave's info() says, reduced to what is exported (no key material)."""
 
-    mode: str
-    fingerprint: str
-    layers: int  # distinct layers transformed (a layer served to several workers counts once)
+    status: ShieldStatus  # mode, key fingerprint, distinct layers transformed (a layer served to several workers counts once)
     bytes_transformed: int  # checkpoint bytes sent through the enclave
     transform_seconds: tuple[float, ...]  # one entry per transform call
     request_seeds: int  # mode per-request: request seeds derived (one per request entering a worker's batch)
@@ -51,12 +51,10 @@ class EnclaveFacts:
     @classmethod
     def from_info(cls, info: dict) -> "EnclaveFacts":
         return cls(
-            mode=info["mode"],
-            fingerprint=info["fingerprint"],
-            layers=len(info["transforms_per_layer"]),
+            status=ShieldStatus.from_enclave_info(info),
             bytes_transformed=int(info["bytes_transformed"]),
             transform_seconds=tuple(info["transform_seconds"]),
-            request_seeds=int(info.get("request_seeds", 0)),
+            request_seeds=int(info["request_seeds"]),
         )
 
 
@@ -66,32 +64,15 @@ def histogram_buckets(values: tuple[float, ...], bounds: tuple[float, ...]) -> l
     return buckets + [("+Inf", len(values))]
 
 
-def enclave_ray_address(shield: ShieldConfig, name: str, executor_backend) -> tuple[str, str | None]:
-    """The Ray the server's enclave lives in, as (address, auth_mode); never one to be started.
-
-    An explicit address (config ray_address, else RAY_ADDRESS) is the one the workers joined; else the
-    record the server's first worker wrote for its private Ray; else vLLM's Ray executor's ("auto").
-    """
-    address = shield.ray_address or os.environ.get("RAY_ADDRESS") or None
-    if address is not None and address != "local":
-        return address, None
-    recorded = enclave.recorded_ray(name)
-    if recorded is not None:
-        return recorded
-    if executor_backend == "ray":
-        return "auto", None
-    raise ShieldError(f"kvshield: no record of the enclave's Ray at {enclave.address_file(name)}")
-
-
 def join_ray(address: str, auth_mode: str | None, name: str) -> None:
-    """Join the enclave's Ray through enclave.join (reachability checked first, never a new Ray).
+    """Join the enclave's Ray through ray_session.join (reachability checked first, never a new Ray).
 
     ray.init replaces the process's SIGTERM handler; vLLM's is put back.
     """
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     try:
-        enclave.join(address, auth_mode, name)
+        ray_session.join(address, auth_mode, name)
     finally:
         if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -123,9 +104,9 @@ class ShieldCollector(Collector):
                 return
             self._joined = True
             try:
-                address, auth_mode = enclave_ray_address(self.shield, self.name, self.executor_backend)
+                address, auth_mode = ray_session.server_ray(self.shield.ray_address, self.name, self.executor_backend)
                 join_ray(address, auth_mode, self.name)
-                self._handle = ray.get_actor(self.name, namespace=enclave.NAMESPACE)
+                self._handle = ray.get_actor(self.name, namespace=ray_session.NAMESPACE)
             except (ShieldError, ShieldConfigError, ValueError, ConnectionError) as e:
                 self._warn(f"cannot reach the enclave actor {self.name!r} ({e})")
 
@@ -143,7 +124,7 @@ class ShieldCollector(Collector):
                 self._up = False
                 return False
             except ray.exceptions.RayError as e:
-                self._warn(f"the enclave actor {self.name!r} is gone ({enclave._cause(e)})")
+                self._warn(f"the enclave actor {self.name!r} is gone ({ray_session.error_cause(e)})")
                 self._up = False
                 return False
             self._facts = EnclaveFacts.from_info(info)
@@ -169,7 +150,7 @@ class ShieldCollector(Collector):
         enabled = GaugeMetricFamily(
             "kvshield_enabled", "1 when the enclave transformed this server's attention weights (the shield is on)"
         )
-        enabled.add_metric([], 1.0 if facts is not None and facts.layers > 0 else 0.0)
+        enabled.add_metric([], 1.0 if facts is not None and facts.status.enabled else 0.0)
         yield enabled
         if self.shield is None:
             return
@@ -182,10 +163,10 @@ class ShieldCollector(Collector):
             "kvshield_info", "The shield's mode and key fingerprint (a hash, never key material)",
             labels=["mode", "key_fingerprint", "model"],
         )
-        info.add_metric([facts.mode, facts.fingerprint, self.model], 1.0)
+        info.add_metric([facts.status.mode, facts.status.fingerprint, self.model], 1.0)
         yield info
         layers = GaugeMetricFamily("kvshield_layers_shielded", "Decoder layers whose attention the enclave transformed")
-        layers.add_metric([], float(facts.layers))
+        layers.add_metric([], float(facts.status.layers))
         yield layers
         transformed = CounterMetricFamily(
             "kvshield_weights_transformed_bytes", "Checkpoint attention bytes sent through the enclave"
@@ -200,7 +181,7 @@ class ShieldCollector(Collector):
             sum_value=sum(facts.transform_seconds),
         )
         yield seconds
-        if facts.mode == "per-request":
+        if facts.status.mode == "per-request":
             seeds = CounterMetricFamily(
                 "kvshield_request_keys",
                 "Request seeds the enclave derived (mode per-request): one per request entering a worker's batch",
@@ -230,7 +211,7 @@ class KVShieldStatLogger(AggregateStatLoggerBase):
         shield = ShieldConfig.from_vllm_config(vllm_config)
         self.collector = ShieldCollector(
             shield,
-            enclave.enclave_name(vllm_config),
+            enclave_name(vllm_config),
             str(vllm_config.model_config.served_model_name),
             vllm_config.parallel_config.distributed_executor_backend,
         )
@@ -254,5 +235,5 @@ class KVShieldStatLogger(AggregateStatLoggerBase):
             facts = self.collector.facts
             logger.info(
                 "kvshield: metrics on /metrics: mode=%s, key fingerprint %s, %d layers shielded",
-                facts.mode, facts.fingerprint, facts.layers,
+                facts.status.mode, facts.status.fingerprint, facts.status.layers,
             )

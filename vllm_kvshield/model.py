@@ -34,7 +34,8 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from . import cache_shuffle, enclave, registered_architectures, request_keys, request_mix
 from .config import ShieldConfig, ShieldConfigError, ShieldError, check_supported
-from .transforms import AttentionShape, DeviceMaterial, mix_qk, permute_rotary_cache
+from .shield_status import ShieldStatus
+from .transforms import ATTENTION_BIASES, ATTENTION_WEIGHTS, AttentionShape, DeviceMaterial, mix_qk, permute_rotary_cache
 
 logger = logging.getLogger("vllm.plugins.kvshield")  # under "vllm": vLLM's handlers and format
 
@@ -47,7 +48,11 @@ SUPPORTED_ROPES = (
     DynamicNTKScalingRotaryEmbedding,
 )
 # checkpoint names of one layer's attention tensors
-ATTENTION_TENSOR = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\.)(?P<name>[qkvo]_proj\.(?:weight|bias))$")
+ATTENTION_TENSOR = re.compile(
+    r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\.)(?P<name>"
+    + "|".join(map(re.escape, ATTENTION_WEIGHTS + ATTENTION_BIASES))
+    + ")$"
+)
 IGNORED_ATTENTION_TENSORS = ("rotary_emb.inv_freq",)  # old checkpoints carry it; vLLM skips it too
 
 
@@ -153,10 +158,7 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
         if self.shield.mode == "per-request":
             self._install_request_rows(handle)
         info = enclave.call(handle, "info")
-        logger.info(
-            "kvshield: shield active: mode=%s, key fingerprint %s, %d layers transformed",
-            info["mode"], info["fingerprint"], len(self.shielded_layers),
-        )
+        logger.info("%s", ShieldStatus(info["mode"], len(self.shielded_layers), info["fingerprint"]).log_line())
         return loaded
 
     def _install_request_rows(self, handle) -> None:
@@ -213,12 +215,9 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
 
     def _expected(self, layer: int) -> set[str]:
         attn = self.model.layers[layer].self_attn
-        names = {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"}
-        if attn.qkv_proj.bias is not None:
-            names |= {"q_proj.bias", "k_proj.bias", "v_proj.bias"}
-        if attn.o_proj.bias is not None:
-            names.add("o_proj.bias")
-        return names
+        qkv_bias, o_bias = attn.qkv_proj.bias is not None, attn.o_proj.bias is not None
+        biases = {name for name in ATTENTION_BIASES if (o_bias if name.startswith("o_proj") else qkv_bias)}
+        return set(ATTENTION_WEIGHTS) | biases
 
     def _through_enclave(self, weights, handle) -> Iterator[tuple[str, torch.Tensor]]:
         """Pass the checkpoint through, swapping each layer's attention tensors for the enclave's.
@@ -255,11 +254,12 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
 
 
 def shield_status(model) -> dict:
-    """What a worker's model says about its shield (run through LLM.apply_model)."""
+    """What a worker's model says about its shield (run through LLM.apply_model): its class and its ShieldStatus."""
     shielded = isinstance(model, KVShieldLlamaForCausalLM) and model.shield is not None
+    status = ShieldStatus(model.shield.mode, len(model.shielded_layers)) if shielded else ShieldStatus.off()
     return {
         "model_class": type(model).__name__,
-        "enabled": shielded,
-        "mode": model.shield.mode if shielded else None,
-        "layers_shielded": len(model.shielded_layers) if shielded else 0,
+        "enabled": status.enabled,
+        "mode": status.mode,
+        "layers_shielded": status.layers,
     }

@@ -17,43 +17,28 @@ import json
 import os
 import re
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 
 import psutil
 
 from .launch import SERVER_MODULE, ServePlan
+from .server_process import KILL_WAIT_S, ProcessTree, kill_session, stop_session, wait_healthy
+from .shield_status import ShieldStatus
 
 PRESTART_MODULE = "vllm_kvshield.server_entry"
 STARTING_MESSAGE = "kvshield: starting vLLM"  # printed once the checked arguments are handed over
 
-ACTIVE_LINE = re.compile(
-    r"kvshield: shield active: mode=(?P<mode>[^,\s]+), key fingerprint (?P<fingerprint>[0-9a-f]+), "
-    r"(?P<layers>\d+) layers transformed"
-)
 KVSHIELD_MESSAGE = re.compile(r"kvshield: .*")
 VALIDATION_SUFFIX = re.compile(r" \[type=\w+, input_value=.*$")  # pydantic's, when vLLM's config check re-raises
 QUIET_LEVELS = re.compile(r"\b(INFO|DEBUG)\b")  # a kvshield line logged at these levels is not an error
 HEALTH_POLL_S = 1.0
-HEALTH_TIMEOUT_S = 2.0
 ACTIVE_LINE_WAIT_S = 10.0  # after /health answers, for the output reader to catch up
 SHUTDOWN_GRACE_S = 30.0  # the server's own clean shutdown, before it is killed
-KILL_WAIT_S = 5.0
 TAIL_LINES = 20
-
-
-@dataclass(frozen=True)
-class ShieldReport:
-    mode: str
-    fingerprint: str
-    layers: int
 
 
 class ServerOutput:
@@ -63,7 +48,7 @@ class ServerOutput:
     def __init__(self, stream, log, mirror: bool):
         self.log_path = log.name
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self.reports: list[ShieldReport] = []
+        self.reports: list[ShieldStatus] = []
         self.messages: list[str] = []  # kvshield lines other than reports, first occurrence each
         self.active = threading.Event()
         self.mirror = threading.Event()
@@ -86,9 +71,9 @@ class ServerOutput:
     def _scan(self, line: str) -> None:
         with self._lock:
             self.tail.append(line)
-            report = ACTIVE_LINE.search(line)
+            report = ShieldStatus.from_log_line(line)
             if report is not None:
-                self.reports.append(ShieldReport(report["mode"], report["fingerprint"], int(report["layers"])))
+                self.reports.append(report)
                 self.active.set()
                 return
             message = KVSHIELD_MESSAGE.search(line)
@@ -101,48 +86,9 @@ class ServerOutput:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
-    def snapshot(self) -> tuple[list[ShieldReport], list[str], list[str]]:
+    def snapshot(self) -> tuple[list[ShieldStatus], list[str], list[str]]:
         with self._lock:
             return list(self.reports), list(self.messages), list(self.tail)
-
-
-class ProcessTree:
-    """Every process the server started, remembered while they live, so none outlives the server."""
-
-    def __init__(self, root: psutil.Process):
-        self.root = root
-        self.seen: dict[int, psutil.Process] = {root.pid: root}
-
-    def record(self) -> None:
-        try:
-            for child in self.root.children(recursive=True):
-                self.seen.setdefault(child.pid, child)
-        except psutil.NoSuchProcess:
-            pass
-
-    def alive(self) -> list[psutil.Process]:
-        # psutil.Process.is_running() also checks the creation time: a reused pid is not ours
-        left = []
-        for p in self.seen.values():
-            try:
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                    left.append(p)
-            except psutil.NoSuchProcess:
-                pass
-        return left
-
-    def stop_leftovers(self) -> None:
-        """Terminate, then kill, whatever the server left behind."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            left = self.alive()
-            if not left:
-                return
-            for p in left:
-                try:
-                    p.send_signal(sig)
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(left, timeout=KILL_WAIT_S)
 
 
 class StartFailed(Exception):
@@ -208,60 +154,26 @@ class Server:
             with contextlib.suppress(OSError):
                 os.remove(self.output.log_path)
 
-    def healthy(self) -> bool:
-        context = None
-        if self.plan.health_url.startswith("https"):  # the server's own certificate: only liveness is asked
-            context = ssl.create_default_context()
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        try:
-            with urllib.request.urlopen(self.plan.health_url, timeout=HEALTH_TIMEOUT_S, context=context) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def wait_ready(self, timeout: float) -> ShieldReport:
+    def wait_ready(self, timeout: float) -> ShieldStatus:
         """Block until /health answers and the workers reported the expected shield; raise StartFailed otherwise."""
-        deadline = time.monotonic() + timeout
-        while not self.healthy():
+
+        def tick() -> None:
             self.tree.record()
             if self.signalled is not None:
                 raise StartFailed(f"kvshield: interrupted (signal {self.signalled}) before the server was ready")
-            if self.proc.poll() is not None:
-                raise StartFailed(self._death_message())
-            if time.monotonic() > deadline:
-                raise StartFailed(f"kvshield: the server was not ready within {timeout:.0f} s; log: {self.output.log_path}")
-            time.sleep(HEALTH_POLL_S)
+
+        why = wait_healthy(self.plan.health_url, self.proc, time.monotonic() + timeout, HEALTH_POLL_S, tick)
+        if why == "exited":
+            raise StartFailed(self._death_message())
+        if why == "timeout":
+            raise StartFailed(f"kvshield: the server was not ready within {timeout:.0f} s; log: {self.output.log_path}")
         self.tree.record()
         self.output.active.wait(ACTIVE_LINE_WAIT_S)
-        return self._check_reports()
-
-    def _check_reports(self) -> ShieldReport:
         reports, _, _ = self.output.snapshot()
-        plan = self.plan
-        if not reports:
-            plugins = os.environ.get("VLLM_PLUGINS")
-            hint = f" (VLLM_PLUGINS={plugins!r} must include 'kvshield')" if plugins is not None else ""
-            raise StartFailed(
-                "kvshield: the server started WITHOUT the shield: no worker logged 'kvshield: shield active'; "
-                f"is the vllm-kvshield plugin installed and loaded{hint}, and is the model a Llama architecture? "
-                f"Stopped it; log: {self.output.log_path}"
-            )
-        for r in reports:
-            if r.mode != plan.shield.mode:
-                raise StartFailed(f"kvshield: a worker runs mode {r.mode!r}, {plan.shield.mode!r} was asked for; stopped")
-            if plan.expected_fingerprint is not None and r.fingerprint != plan.expected_fingerprint:
-                raise StartFailed(
-                    f"kvshield: a worker uses key fingerprint {r.fingerprint}, the key file has "
-                    f"{plan.expected_fingerprint}; stopped"
-                )
-            if r.fingerprint != reports[0].fingerprint:
-                raise StartFailed(f"kvshield: workers use different keys ({reports[0].fingerprint}, {r.fingerprint}); stopped")
-            if plan.expected_layers is not None and r.layers != plan.expected_layers:
-                raise StartFailed(
-                    f"kvshield: a worker transformed {r.layers} layers, the model has {plan.expected_layers}; stopped"
-                )
-        return reports[0]
+        try:
+            return check_reports(reports, self.plan)
+        except StartFailed as e:
+            raise StartFailed(f"{e}; log: {self.output.log_path}") from None
 
     def _death_message(self) -> str:
         self.output.join(KILL_WAIT_S)
@@ -276,32 +188,36 @@ class Server:
         """Pass a signal to the server process; a second one kills the whole tree."""
         if self.signalled is not None:
             self.tree.record()
-            self._kill_session(signal.SIGKILL)
+            kill_session(self.proc.pid)
         self.signalled = signum
         if self.proc.poll() is None:
             self.proc.send_signal(signum)
 
-    def _kill_session(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     def stop(self) -> int:
         """Stop the server (clean shutdown first) and everything it started; its exit code."""
-        self.tree.record()
-        if self.proc.poll() is None:
-            if self.signalled is None:
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(SHUTDOWN_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self._kill_session(signal.SIGKILL)
-                self.proc.wait()
-        self._kill_session(signal.SIGKILL)
-        self.tree.stop_leftovers()
+        code = stop_session(self.proc, self.tree, SHUTDOWN_GRACE_S, terminate=self.signalled is None)
         self.output.join(KILL_WAIT_S)
-        return self.proc.returncode
+        return code
+
+
+def check_reports(reports: list[ShieldStatus], plan: ServePlan) -> ShieldStatus:
+    """The workers' shield reports (their 'shield active' log lines), checked against the plan: every worker
+    on, in the asked mode, with one key (the key file's, when given) and every layer; raise StartFailed otherwise."""
+    if not reports:
+        plugins = os.environ.get("VLLM_PLUGINS")
+        hint = f" (VLLM_PLUGINS={plugins!r} must include 'kvshield')" if plugins is not None else ""
+        raise StartFailed(
+            "kvshield: the server started WITHOUT the shield: no worker logged 'kvshield: shield active'; "
+            f"is the vllm-kvshield plugin installed and loaded{hint}, and is the model a Llama architecture? "
+            "Stopped it"
+        )
+    for r in reports:
+        problem = r.mismatch(plan.shield.mode, plan.expected_fingerprint, plan.expected_layers)
+        if problem is not None:
+            raise StartFailed(f"kvshield: a worker reports {problem}; stopped")
+        if r.fingerprint != reports[0].fingerprint:
+            raise StartFailed(f"kvshield: workers use different keys ({reports[0].fingerprint}, {r.fingerprint}); stopped")
+    return reports[0]
 
 
 def default_log_path() -> str:
@@ -323,10 +239,7 @@ def run(plan: ServePlan, server: Server, ready_timeout: float) -> int:
             server.stop()
             print(str(e), file=sys.stderr, flush=True)
             return 128 + server.signalled if server.signalled else 1
-        print(
-            f"kvshield: ready at {plan.url}/v1 (mode={report.mode}, key fingerprint {report.fingerprint})",
-            flush=True,
-        )
+        print(report.ready_line(f"{plan.url}/v1"), flush=True)
         server.output.mirror.set()
         while server.proc.poll() is None and server.signalled is None:
             server.tree.record()

@@ -13,7 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-from .engine import ATTACK_MODES
+from vllm_kvshield.config import COMPARED_MODES, ShieldConfigError, parse_modes
+
 from .runner import COLLISION_REQUESTS, DEEP_LAYER, HarnessConfig
 
 USAGE_ERROR = 2
@@ -30,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
         description="Recover prompts from the KV blocks vLLM holds, knowing only the public model, per shield mode.",
         allow_abbrev=False,
     )
-    p.add_argument("--modes", default=",".join(ATTACK_MODES), help=f"comma-separated, from {', '.join(ATTACK_MODES)} (default: all)")
+    p.add_argument("--modes", default=",".join(COMPARED_MODES), help=f"comma-separated, from {', '.join(COMPARED_MODES)} (default: all)")
     p.add_argument("--prompts", help="JSON list of prompts or a text file with one per line (default: the bundled private prompts)")
     p.add_argument("--out", required=True, help="output folder for attack.json, attack.md, attack.png")
     p.add_argument("--model", help="Llama checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -42,14 +43,6 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
-
-
-def parse_modes(text: str) -> tuple[str, ...]:
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in modes if m not in ATTACK_MODES]
-    if bad or not modes:
-        raise AttackUsageError(f"kvshield: unknown mode(s) {', '.join(bad) or repr(text)}; accepted: {', '.join(ATTACK_MODES)}")
-    return modes
 
 
 def read_prompts(path: str | None) -> list[str]:
@@ -86,7 +79,7 @@ def main(argv: list[str]) -> int:
         prompts = read_prompts(args.prompts)
         if args.collision_requests < 0:
             raise AttackUsageError(f"kvshield: --collision-requests must be >= 0, got {args.collision_requests}")
-    except AttackUsageError as e:
+    except (AttackUsageError, ShieldConfigError) as e:
         print(e, file=sys.stderr)
         return USAGE_ERROR
     from .report import write_report

@@ -13,14 +13,14 @@ import os
 
 import torch
 
-from vllm_kvshield import kvcache
+from vllm_kvshield.config import additional_config
 from vllm_kvshield.model import shield_status
-from vllm_kvshield.transforms import MODES
+from vllm_kvshield.shield_status import ShieldStatus
 
+from . import kvcache
 from .observation import Observation
 from .public_model import PublicModel
 
-ATTACK_MODES = ("none", *MODES)
 ENGINE_OPTIONS = dict(enforce_eager=True, kv_cache_memory_bytes=256 << 20, max_model_len=1024, seed=0)
 PLAIN_MATCH = 0.05  # relative L2 distance under which a cached layer-0 K/V counts as plain (bf16: ~0.005)
 
@@ -31,12 +31,10 @@ class ShieldStateError(RuntimeError):
 
 def open_engine(model: str, mode: str, dtype: str, **options):
     """A vllm.LLM serving `model` in `mode` (apply_model needs VLLM_ALLOW_INSECURE_SERIALIZATION, set here)."""
-    if mode not in ATTACK_MODES:
-        raise ValueError(f"unknown mode {mode!r}; accepted: {', '.join(ATTACK_MODES)}")
+    extra = additional_config(mode)
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM
 
-    extra = {} if mode == "none" else {"kvshield": {"mode": mode}}
     return LLM(model, dtype=dtype, additional_config=extra, **{**ENGINE_OPTIONS, **options})
 
 
@@ -48,7 +46,8 @@ def require_shield(llm, mode: str) -> dict:
     """The worker's shield status; raises ShieldStateError unless it is off for "none", on in `mode` otherwise."""
     status = llm.apply_model(shield_status)[0]
     expected_on = mode != "none"
-    if status["enabled"] != expected_on or (expected_on and (status["mode"] != mode or status["layers_shielded"] == 0)):
+    on = ShieldStatus(status["mode"], status["layers_shielded"])
+    if on.enabled != expected_on or (expected_on and on.mismatch(mode) is not None):
         raise ShieldStateError(f"kvshield attack: mode {mode!r} asked, but the worker reports {status}")
     return status
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from vllm_kvshield.hf_config import attention_shape
+
 
 @dataclass(frozen=True)
 class LlamaShape:
@@ -38,14 +40,14 @@ class LlamaShape:
         if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
             raise ValueError(f"rope scaling {rope or cfg.get('rope_scaling')!r} is not modelled; accepted: plain RoPE")
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        heads = cfg["num_attention_heads"]
+        attention = attention_shape(cfg)
         return cls(
             vocab=cfg["vocab_size"],
             hidden=cfg["hidden_size"],
             layers=cfg["num_hidden_layers"],
-            heads=heads,
-            kv_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=cfg.get("head_dim", cfg["hidden_size"] // heads),
+            heads=attention.num_heads,
+            kv_heads=attention.num_kv_heads,
+            head_dim=attention.head_dim,
             rope_theta=float(theta),
             rms_eps=float(cfg["rms_norm_eps"]),
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+from vllm_kvshield.config import COMPARED_MODES
+
 from . import engine
 from .direct import DirectInversion
 from .invariant import PermutationInvariant
@@ -45,16 +47,16 @@ CIPHERTEXT_ONLY = (
 class HarnessConfig:
     model: str
     prompts: list[str]
-    modes: tuple[str, ...] = engine.ATTACK_MODES
+    modes: tuple[str, ...] = COMPARED_MODES
     dtype: str = "bfloat16"
     deep_layer: int = DEEP_LAYER
     known_counts: tuple[int, ...] = KNOWN_COUNTS
     collision_requests: int = COLLISION_REQUESTS  # the collision attack runs on the first this many requests
 
     def __post_init__(self):
-        bad = [m for m in self.modes if m not in engine.ATTACK_MODES]
+        bad = [m for m in self.modes if m not in COMPARED_MODES]
         if bad or not self.modes:
-            raise ValueError(f"modes {bad or list(self.modes)}; accepted: {', '.join(engine.ATTACK_MODES)}")
+            raise ValueError(f"modes {bad or list(self.modes)}; accepted: {', '.join(COMPARED_MODES)}")
         if not self.prompts:
             raise ValueError("no prompts to attack")
         if sorted(set(self.known_counts)) != list(self.known_counts) or self.known_counts[0] < 1:

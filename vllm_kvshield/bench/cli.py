@@ -12,7 +12,8 @@ import argparse
 import sys
 import time
 
-from .settings import ALL_MODES, SECTIONS, parse_modes, parse_sections, profile
+from ..config import COMPARED_MODES, parse_modes
+from .settings import SECTIONS, parse_sections, profile
 
 USAGE_ERROR = 2
 
@@ -27,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="eager engines, small sets, 3 rounds, one server start each (< 10 min)")
     size.add_argument("--smoke", action="store_true", help="seconds-sized settings for the test suite (numbers meaningless)")
-    p.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma-separated, 'none' included (default {','.join(ALL_MODES)})")
+    p.add_argument("--modes", default=",".join(COMPARED_MODES), help=f"comma-separated, 'none' included (default {','.join(COMPARED_MODES)})")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
     p.add_argument("--out", default="benchmarks/results", help="output folder for bench.json, bench.md, bench.png")
     return p
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
     try:
-        modes, sections = parse_modes(args.modes), parse_sections(args.sections)
+        modes, sections = parse_modes(args.modes, baseline=True), parse_sections(args.sections)
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return USAGE_ERROR

@@ -18,9 +18,11 @@ import time
 import psutil
 import ray
 
-from .. import enclave
-from ..config import CONFIG_KEY, ShieldError
-from .settings import PLAIN, Settings
+from .. import ray_session
+from ..config import PLAIN_MODE, ShieldError, additional_config
+from ..enclave import call, enclave_name
+from ..shield_status import ShieldStatus
+from .settings import Settings
 
 RAY_NAMESPACE = "kvshield-bench"
 
@@ -51,7 +53,7 @@ def engine_options(settings: Settings, mode: str) -> dict:
         max_model_len=settings.max_model_len,
         enforce_eager=settings.enforce_eager,
         seed=settings.seed,
-        additional_config={} if mode == PLAIN else {CONFIG_KEY: {"mode": mode}},
+        additional_config=additional_config(mode),
     )
 
 
@@ -65,14 +67,14 @@ def kv_capacity_tokens(llm) -> int:
 def enclave_info(llm) -> dict:
     """The engine's enclave actor's info() (mode, fingerprint, layers, per-layer transform seconds),
     asked through the private Ray its worker recorded; the bench process leaves that Ray afterwards."""
-    name = enclave.enclave_name(llm.llm_engine.vllm_config)
-    recorded = enclave.recorded_ray(name)
+    name = enclave_name(llm.llm_engine.vllm_config)
+    recorded = ray_session.recorded_ray(name)
     if recorded is None:
         raise ShieldError(f"kvshield: the engine recorded no Ray for enclave {name!r}: it is not shielded")
-    enclave.join(*recorded, name)
+    ray_session.join(*recorded, name)
     try:
-        handle = ray.get_actor(name, namespace=enclave.NAMESPACE)
-        return enclave.call(handle, "info")
+        handle = ray.get_actor(name, namespace=ray_session.NAMESPACE)
+        return call(handle, "info")
     except ValueError:
         raise ShieldError(f"kvshield: no enclave actor {name!r} in the engine's Ray: the engine is not shielded") from None
     finally:
@@ -133,7 +135,7 @@ class OfflineEngines:
                 self.processes[mode] = [p for p in psutil.Process().children() if p.pid not in before]
                 self.llms[mode] = llm
                 self.kv_capacity[mode] = kv_capacity_tokens(llm)
-                if mode != PLAIN:
+                if mode != PLAIN_MODE:
                     self.enclaves[mode] = self._check_shielded(mode, llm)
         except BaseException:
             self.close()
@@ -141,13 +143,13 @@ class OfflineEngines:
         return self
 
     def _check_shielded(self, mode: str, llm) -> dict:
+        """The engine's enclave info, once it says that mode with every layer transformed (distinct layers:
+        under tensor parallelism each layer is transformed once per rank)."""
         info = enclave_info(llm)
         layers = llm.llm_engine.vllm_config.model_config.hf_config.num_hidden_layers
-        if info["mode"] != mode or info["layers_transformed"] != layers:
-            raise ShieldError(
-                f"kvshield: the {mode!r} engine's enclave reports mode {info['mode']!r}, "
-                f"{info['layers_transformed']} of {layers} layers transformed"
-            )
+        problem = ShieldStatus.from_enclave_info(info).mismatch(mode, layers=layers)
+        if problem is not None:
+            raise ShieldError(f"kvshield: the {mode!r} engine's enclave reports {problem}")
         return info
 
     def close(self) -> None:

@@ -67,7 +67,7 @@ def markdown(r: dict) -> str:
         if r.get("default_mode"):
             d = r["default_mode"]
             lines += [
-                f"Default mode by issue 3's rule (`mix` iff its throughput ratio >= 0.97): **{d['default']}** "
+                f"Default mode by the rule `mix` iff its throughput ratio >= 0.97, else `mix-v`: **{d['default']}** "
                 f"(`mix` measured {d['mix_ratio_to_none']:.4f}).",
                 "",
             ]

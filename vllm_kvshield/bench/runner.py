@@ -19,11 +19,13 @@ from datetime import datetime, timezone
 
 import psutil
 
-from . import ablation, machine, serving, startup, throughput
-from . import quality as quality_report
+from ..config import PLAIN_MODE
+from ..hf_config import attention_shape, read_hf_config
+from ..server_process import terminate_then_kill
+from . import ablation, machine, quality, serving, startup, throughput
 from .engines import OfflineEngines, RayCluster, engine_options, idle_cpu
 from .servers import KINDS, command, vllm_args
-from .settings import PLAIN, Settings
+from .settings import Settings
 
 SCHEMA_VERSION = 1
 QUIET_FOREIGN_CORES = 0.2  # CPU used by other processes of the machine above which timings are marked preliminary
@@ -44,10 +46,10 @@ def run_offline(model: str, tokenizer, settings: Settings, log) -> dict:
             log("plain decode step times (reference for the ablation)")
             for batch in settings.ablation_batches:
                 decode[str(batch)] = throughput.decode_step_seconds(
-                    engines.llms[PLAIN], len(tokenizer), batch, settings.decode_step_tokens, settings.seed
+                    engines.llms[PLAIN_MODE], len(tokenizer), batch, settings.decode_step_tokens, settings.seed
                 )
         log(f"quality: {settings.quality_chunks} x {settings.quality_length} tokens of {settings.quality_text!r} per mode")
-        quality = quality_report.run(engines.llms, tokenizer, settings)
+        quality_figures = quality.run(engines.llms, tokenizer, settings)
         return {
             "throughput": throughput.summarize(runs, settings.modes),
             "throughput_runs": runs,
@@ -59,7 +61,7 @@ def run_offline(model: str, tokenizer, settings: Settings, log) -> dict:
             "idle_cpu_cores": idle,
             "enclave_transform": startup.enclave_transforms(engines.enclaves),
             "plain_decode_step_s": decode,
-            "quality": quality,
+            "quality": quality_figures,
         }
 
 
@@ -110,7 +112,7 @@ def kv_capacity(result: dict) -> dict:
 
 
 def targets(result: dict, settings: Settings) -> list[dict]:
-    """The issue's targets with the measured figures."""
+    """The cost targets (THROUGHPUT_TARGETS, STARTUP_OVERHEAD_TARGET, equal KV capacity) with the measured figures."""
     out = []
     for mode, bound in THROUGHPUT_TARGETS.items():
         if mode in result.get("throughput", {}):
@@ -130,7 +132,8 @@ def targets(result: dict, settings: Settings) -> list[dict]:
 
 
 def default_mode_advice(result: dict) -> dict | None:
-    """Issue 3's rule: `mix` is the default iff it meets its throughput target, else `mix-v`."""
+    """The default-mode rule: `mix` is the default iff its offline throughput is at least 0.97x plain vLLM's
+    (THROUGHPUT_TARGETS["mix"]), else `mix-v`."""
     tp = result.get("throughput", {})
     if "mix" not in tp:
         return None
@@ -172,17 +175,7 @@ def stop_children(log) -> None:
         except psutil.NoSuchProcess:
             continue
     log(f"stopping leftover child processes: {', '.join(names)}")
-    for p in left:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(left, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    terminate_then_kill(left, wait_s=10)
 
 
 def run_all(settings: Settings, argv: list[str], log) -> dict:
@@ -229,8 +222,10 @@ def run_all(settings: Settings, argv: list[str], log) -> dict:
 
     def ablation_section() -> None:
         log("ablation: enclave round trip per layer per decode step vs folded W_O")
+        hf_config = read_hf_config(model)
         result["ablation"] = ablation.run(
-            _attention_shape(model), _layers(model), settings.ablation_batches, settings.ablation_steps, settings.seed
+            attention_shape(hf_config), hf_config["num_hidden_layers"], settings.ablation_batches,
+            settings.ablation_steps, settings.seed,
         )
         decode = {int(b): s for b, s in result.get("plain_decode_step_s", {}).items()}
         ablation.add_decode_reference(result["ablation"], decode)
@@ -288,27 +283,3 @@ def preliminary_reasons(result: dict, settings: Settings) -> list[str]:
     if not all(s["started_own_ray"] for s in shielded_starts):
         reasons.append("a shielded server did not start its own Ray: its start-up time and memory omit Ray's")
     return reasons
-
-
-def _hf_config(model: str) -> dict:
-    import json
-
-    with open(os.path.join(model, "config.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def _layers(model: str) -> int:
-    return _hf_config(model)["num_hidden_layers"]
-
-
-def _attention_shape(model: str):
-    from ..transforms import AttentionShape
-
-    c = _hf_config(model)
-    heads = c["num_attention_heads"]
-    return AttentionShape(
-        num_heads=heads,
-        num_kv_heads=c.get("num_key_value_heads") or heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-        hidden_size=c["hidden_size"],
-    )

@@ -11,30 +11,27 @@ For `kvshield serve`, its output gives when its checks ended and it handed vLLM 
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import psutil
 
 from ..default_model import MODEL_NAME
 from ..launch import SERVER_MODULE
-from ..serve import ACTIVE_LINE, STARTING_MESSAGE
+from ..serve import STARTING_MESSAGE
+from ..server_process import ProcessTree, stop_session, wait_healthy
+from ..shield_status import ShieldStatus
 from .settings import Settings
 
 SAMPLE_S = 0.2
-HEALTH_TIMEOUT_S = 2.0
 READY_TIMEOUT_S = 1800.0
 STOP_GRACE_S = 60.0
 KV_CAPACITY_LINE = re.compile(r"KV cache size: (?P<tokens>[\d,]+) tokens")
 STARTING_LINE = re.compile("^" + re.escape(STARTING_MESSAGE))
-READY_LINE = re.compile(r"kvshield: ready at \S+ \(mode=(?P<mode>[^,]+), key fingerprint (?P<fingerprint>[0-9a-f]+)\)")
 HOST = "127.0.0.1"
 KINDS = ("plain", "shielded")
 
@@ -86,11 +83,10 @@ class ServerProcess:
         self.base_url = f"http://{HOST}:{self.port}"
         self.mode = settings.server_mode
         self.command = command(kind, vllm_args(model, settings, self.port), self.mode, self.log_path)
-        self.ready_line: str | None = None
+        self.ready: ShieldStatus | None = None  # what `kvshield serve`'s ready line says
         self.ready_line_s: float | None = None
         self.starting_line_s: float | None = None  # `kvshield serve` handed vLLM its arguments
         self.sample = Sample()
-        self.seen: dict[int, psutil.Process] = {}
         self._stopping = threading.Event()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["RAY_ADDRESS"] = "local"  # a shielded server starts its own Ray, as on a machine of its own
@@ -104,8 +100,7 @@ class ServerProcess:
             env=env,
             start_new_session=True,
         )
-        self.root = psutil.Process(self.proc.pid)
-        self.seen[self.proc.pid] = self.root
+        self.tree = ProcessTree(psutil.Process(self.proc.pid))
         self._threads = [threading.Thread(target=self._sample, daemon=True)]
         if kind == "shielded":
             self._threads.append(threading.Thread(target=self._read_stdout, daemon=True))
@@ -121,23 +116,14 @@ class ServerProcess:
             self._out.write(line + "\n")
             if self.starting_line_s is None and STARTING_LINE.search(line):
                 self.starting_line_s = self.elapsed()
-            if self.ready_line is None and READY_LINE.search(line):
+            if self.ready is None and (ready := ShieldStatus.from_ready_line(line)) is not None:
                 self.ready_line_s = self.elapsed()
-                self.ready_line = line
-
-    def _tree(self) -> list[psutil.Process]:
-        try:
-            children = self.root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        for c in children:
-            self.seen.setdefault(c.pid, c)
-        return [self.root, *children]
+                self.ready = ready
 
     def _sample(self) -> None:
         while not self._stopping.is_set() and self.proc.poll() is None:
             rss = 0
-            for p in self._tree():
+            for p in self.tree.record():
                 try:
                     rss += p.memory_info().rss
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -145,24 +131,16 @@ class ServerProcess:
             self.sample.peak_rss = max(self.sample.peak_rss, rss)
             time.sleep(SAMPLE_S)
 
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.base_url + "/health", timeout=HEALTH_TIMEOUT_S) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
     def wait_ready(self) -> dict:
         """Block until /health answers (and, shielded, the proven-ready line); the start's timings."""
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not self.healthy():
-            if self.proc.poll() is not None:
-                raise ServerFailed(f"kvshield: the {self.kind} server exited (code {self.proc.returncode}) while starting; log: {self.log_path}")
-            if time.monotonic() > deadline:
-                raise ServerFailed(f"kvshield: the {self.kind} server was not ready within {READY_TIMEOUT_S:.0f} s; log: {self.log_path}")
-            time.sleep(SAMPLE_S)
+        why = wait_healthy(self.base_url + "/health", self.proc, deadline, SAMPLE_S)
+        if why == "exited":
+            raise ServerFailed(f"kvshield: the {self.kind} server exited (code {self.proc.returncode}) while starting; log: {self.log_path}")
+        if why == "timeout":
+            raise ServerFailed(f"kvshield: the {self.kind} server was not ready within {READY_TIMEOUT_S:.0f} s; log: {self.log_path}")
         health_s = self.elapsed()
-        while self.kind == "shielded" and self.ready_line is None:
+        while self.kind == "shielded" and self.ready is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise ServerFailed(f"kvshield: `kvshield serve` never reported ready (code {self.proc.poll()}); log: {self.log_path}")
             time.sleep(SAMPLE_S)
@@ -177,16 +155,15 @@ class ServerProcess:
         }
 
     def _check_shield_state(self) -> None:
-        log = self.read_log()
         if self.kind == "shielded":
-            match = READY_LINE.search(self.ready_line or "")
-            if match is None or match["mode"] != self.mode:
-                raise ServerFailed(f"kvshield: the shielded server reports {self.ready_line!r}, mode {self.mode!r} expected")
-        elif ACTIVE_LINE.search(log):
+            problem = self.ready.mismatch(self.mode)
+            if problem is not None:
+                raise ServerFailed(f"kvshield: the shielded server reports {problem}; log: {self.log_path}")
+        elif any(ShieldStatus.from_log_line(line) for line in self.read_log().splitlines()):
             raise ServerFailed(f"kvshield: the plain server logged 'shield active'; log: {self.log_path}")
 
     def started_own_ray(self) -> bool:
-        return any(p.name().startswith("gcs_server") for p in self.seen.values() if _alive(p))
+        return any(p.name().startswith("gcs_server") for p in self.tree.alive())
 
     def read_log(self) -> str:
         self._out.flush()
@@ -204,32 +181,7 @@ class ServerProcess:
     def stop(self) -> None:
         """SIGTERM (a clean shutdown), then SIGKILL the session, then any process of the tree left behind."""
         self._stopping.set()
-        self._tree()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait()
-        left = [p for p in self.seen.values() if _alive(p)]
-        for p in left:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=10)
+        stop_session(self.proc, self.tree, STOP_GRACE_S)
         for t in self._threads:
             t.join(5)
         self._out.close()
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

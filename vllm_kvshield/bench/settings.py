@@ -5,11 +5,8 @@
 
 from dataclasses import dataclass, field, replace
 
-from ..config import DEFAULT_MODE
-from ..transforms import MODES
+from ..config import COMPARED_MODES, DEFAULT_MODE, PLAIN_MODE
 
-PLAIN = "none"  # the plugin installed, no flag: plain vLLM
-ALL_MODES = (PLAIN, *MODES)
 SECTIONS = ("offline", "servers", "ablation")  # offline: throughput, quality, KV capacity, enclave timings
 
 
@@ -57,7 +54,7 @@ class Settings:
 
     @property
     def shielded_modes(self) -> tuple[str, ...]:
-        return tuple(m for m in self.modes if m != PLAIN)
+        return tuple(m for m in self.modes if m != PLAIN_MODE)
 
     @property
     def server_mode(self) -> str:
@@ -83,10 +80,10 @@ SMOKE_SETS = (
 )
 
 PROFILES = {
-    "full": Settings(profile="full", modes=ALL_MODES, prompt_sets=FULL_SETS, quality_chunks=20, server_rounds=2, serving_requests=32),
+    "full": Settings(profile="full", modes=COMPARED_MODES, prompt_sets=FULL_SETS, quality_chunks=20, server_rounds=2, serving_requests=32),
     "quick": Settings(
         profile="quick",
-        modes=ALL_MODES,
+        modes=COMPARED_MODES,
         prompt_sets=QUICK_SETS,
         repetitions=3,
         enforce_eager=True,  # a compiled engine takes 1-5 min to start here; the full profile measures compiled
@@ -104,7 +101,7 @@ PROFILES = {
     ),
     "smoke": Settings(
         profile="smoke",
-        modes=ALL_MODES,
+        modes=COMPARED_MODES,
         prompt_sets=SMOKE_SETS,
         repetitions=2,
         enforce_eager=True,
@@ -126,19 +123,6 @@ PROFILES = {
 }
 
 
-def parse_modes(text: str) -> tuple[str, ...]:
-    """A comma-separated mode list: known modes, no repeats, `none` (the baseline) included."""
-    modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in modes if m not in ALL_MODES]
-    if unknown:
-        raise ValueError(f"kvshield: unknown mode(s) {', '.join(unknown)}; accepted: {', '.join(ALL_MODES)}")
-    if len(set(modes)) != len(modes):
-        raise ValueError(f"kvshield: mode listed twice in {text!r}")
-    if PLAIN not in modes or len(modes) < 2:
-        raise ValueError(f"kvshield: --modes needs the baseline {PLAIN!r} and at least one of {', '.join(MODES)}, got {text!r}")
-    return tuple(m for m in ALL_MODES if m in modes)  # baseline first, then the modes in their canonical order
-
-
 def parse_sections(text: str) -> tuple[str, ...]:
     sections = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [s for s in sections if s not in SECTIONS]
@@ -147,7 +131,7 @@ def parse_sections(text: str) -> tuple[str, ...]:
     return tuple(s for s in SECTIONS if s in sections)
 
 
-def profile(name: str, modes: tuple[str, ...] = ALL_MODES, sections: tuple[str, ...] = SECTIONS) -> Settings:
+def profile(name: str, modes: tuple[str, ...] = COMPARED_MODES, sections: tuple[str, ...] = SECTIONS) -> Settings:
     if name not in PROFILES:
         raise ValueError(f"kvshield: unknown profile {name!r}; accepted: {', '.join(PROFILES)}")
     return replace(PROFILES[name], modes=modes, sections=sections)

@@ -6,8 +6,7 @@ checked, the moment it prints "kvshield: ready at"). Memory is the peak over the
 sum of RSS over the server's process tree (Ray's processes included when the server started Ray;
 shared pages count once per process, as RSS does).
 
-    server = ServerProcess("shielded", model, settings, log_dir, tag="round0")
-    record = measure(server)
+    server, record = start("shielded", model, settings, log_dir, tag="round0")   # started, waited for, measured
 """
 
 from . import machine, stats

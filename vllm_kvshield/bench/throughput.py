@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from .. import data
+from ..config import PLAIN_MODE
 from . import stats
 from .engines import tree_cpu_seconds
-from .settings import PLAIN, PromptSet, Settings
+from .settings import PromptSet, Settings
 
 FIRST_RANDOM_TOKEN = 1000  # random prompts avoid the tokenizer's special and byte tokens
 
@@ -134,7 +135,7 @@ def _mode_summary(runs: list[dict], mode: str) -> dict:
     """Medians over rounds of the mode's throughput, and of its per-round ratio to `none`."""
     rounds = sorted({x["round"] for x in runs})
     per_round = {r: [x for x in runs if x["round"] == r and x["mode"] == mode] for r in rounds}
-    plain = {r: [x for x in runs if x["round"] == r and x["mode"] == PLAIN] for r in rounds}
+    plain = {r: [x for x in runs if x["round"] == r and x["mode"] == PLAIN_MODE] for r in rounds}
     tps = [_tokens_per_s(per_round[r]) for r in rounds]
     ratios = [_tokens_per_s(per_round[r]) / _tokens_per_s(plain[r]) for r in rounds]
     return {

@@ -1,1 +1,0 @@
-"""What vllm-kvshield cannot do through vLLM's plugin API (installed as vllm_kvshield.patches; see README.md)."""
