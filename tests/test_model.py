@@ -121,7 +121,8 @@ def bf16_plain_scores(engines) -> dict:
 
 
 @pytest.mark.parametrize(
-    "mode, text", [("permute", "gpl-3"), ("permute", "alice"), ("mix-v", "alice"), ("mix", "alice")]
+    "mode, text",
+    [("permute", "gpl-3"), ("permute", "alice"), ("mix-v", "alice"), ("mix", "alice"), ("per-request", "alice")],
 )
 def test_bf16_perplexity_within_0_2_percent(engines, bf16_plain_scores, mode, text):
     """bf16: teacher-forced perplexity through vLLM's prompt logprobs within 0.2% of plain."""

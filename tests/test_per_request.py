@@ -5,7 +5,9 @@ blocks hold its own key's rows, shuffled inside their blocks."""
 import pytest
 import torch
 
-from vllm_kvshield import cache_shuffle, data, kvcache, quality, transforms
+from vllm_kvshield import cache_shuffle, data, transforms
+from vllm_kvshield.attack import kvcache
+from vllm_kvshield.bench import quality
 from vllm_kvshield.model import shield_status
 
 SMOLLM2 = transforms.AttentionShape(num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576)
@@ -151,7 +153,7 @@ def test_blocks_hold_the_requests_key_shuffled(engines, tmp_path):
     k1, v1 = observe(llm, ids, "tenant-k", LAYERS)
     k2, _ = observe(llm, ids, "tenant-j", LAYERS)
     seed = transforms.request_seed(key, transforms.tenant_key_id("tenant-k"))
-    material = transforms.request_material(seed, LAYERS, range(3), 64).double()  # [L, 4, H, d, d]
+    material = transforms.request_material([seed], LAYERS, range(3), 64)[0].double()  # [L, 4, H, d, d]
     for i, layer in enumerate(LAYERS):
         lk = transforms.derive_layer_key(key, layer, SMOLLM2, "per-request")
         for h in range(3):

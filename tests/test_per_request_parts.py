@@ -22,7 +22,7 @@ KEY = bytes(range(32))
 
 def test_request_matrices_are_inverse_pairs_bounded_and_dense():
     seed = T.request_seed(KEY, T.fresh_key_id())
-    mats = T.request_material(seed, layers=range(3), kv_heads=range(2), head_dim=64).double()  # [L, 4, H, d, d]
+    mats = T.request_material([seed], layers=range(3), kv_heads=range(2), head_dim=64)[0].double()  # [L, 4, H, d, d]
     m, m_inv_t, a, a_inv = mats.unbind(1)
     eye = torch.eye(64, dtype=torch.float64)
     torch.testing.assert_close(m @ m_inv_t.transpose(-1, -2), eye.expand_as(m), atol=1e-5, rtol=0)
@@ -39,11 +39,13 @@ def test_request_matrices_are_inverse_pairs_bounded_and_dense():
 
 def test_request_matrices_depend_on_key_id_layer_and_head_only():
     seed = T.request_seed(KEY, "a" * 32)
-    full = T.request_material(seed, layers=[4, 5], kv_heads=[0, 1, 2], head_dim=64)
-    one = T.request_material(seed, layers=[5], kv_heads=[2], head_dim=64)  # a TP rank holding head 2 of layer 5
-    assert torch.equal(one[0, :, 0], full[1, :, 2])
-    other_id = T.request_material(T.request_seed(KEY, "b" * 32), layers=[4, 5], kv_heads=[0, 1, 2], head_dim=64)
-    other_key = T.request_material(T.request_seed(bytes(32), "a" * 32), layers=[4, 5], kv_heads=[0, 1, 2], head_dim=64)
+    other = T.request_seed(KEY, "b" * 32)
+    both = T.request_material([seed, other], layers=[4, 5], kv_heads=[0, 1, 2], head_dim=64)
+    full = both[0]
+    one = T.request_material([seed], layers=[5], kv_heads=[2], head_dim=64)[0]  # a TP rank holding head 2 of layer 5
+    torch.testing.assert_close(one[0, :, 0], full[1, :, 2], rtol=1e-6, atol=1e-6)  # batched QR: same up to rounding
+    other_id = both[1]
+    other_key = T.request_material([T.request_seed(bytes(32), "a" * 32)], layers=[4, 5], kv_heads=[0, 1, 2], head_dim=64)[0]
     assert not torch.allclose(full, other_id) and not torch.allclose(full, other_key)
     assert not torch.allclose(full[0], full[1]) and not torch.allclose(full[:, :, 0], full[:, :, 1])
 
@@ -115,7 +117,7 @@ def make_rows(max_rows=4):
 
 
 def expected(key_id):
-    return T.request_material(T.request_seed(KEY, key_id), range(2), [0, 1], 8)  # [L, 4, H, d, d]
+    return T.request_material([T.request_seed(KEY, key_id)], range(2), [0, 1], 8)[0]  # [L, 4, H, d, d]
 
 
 def row(rows, r):
@@ -128,13 +130,15 @@ def test_rows_follow_vllm_batch_updates():
     rows.apply(BatchUpdate(batch_size=3, removed=[], added=[(i, params_of(ids[i]), None, []) for i in range(3)], moved=[]))
     assert calls == [ids[:3]], "one enclave round trip per update"
     for i in range(3):
-        assert torch.equal(row(rows, i), expected(ids[i]))
+        torch.testing.assert_close(row(rows, i), expected(ids[i]))
     assert rows.occupied(3) and not rows.occupied(4)
     # request 1 leaves; vLLM condenses row 2 into row 1; request d joins at row 2
     rows.apply(BatchUpdate(batch_size=2, removed=[1], added=[], moved=[(2, 1, MoveDirectionality.UNIDIRECTIONAL)]))
-    assert torch.equal(row(rows, 1), expected(ids[2])) and not row(rows, 2).any()
+    torch.testing.assert_close(row(rows, 1), expected(ids[2]))
+    assert not row(rows, 2).any()
     rows.apply(BatchUpdate(batch_size=3, removed=[], added=[(2, params_of(ids[3]), None, [])], moved=[(0, 2, MoveDirectionality.SWAP)]))
-    assert torch.equal(row(rows, 0), expected(ids[3])) and torch.equal(row(rows, 2), expected(ids[0]))
+    torch.testing.assert_close(row(rows, 0), expected(ids[3]))
+    torch.testing.assert_close(row(rows, 2), expected(ids[0]))
     assert rows.key_ids == {0: ids[3], 1: ids[2], 2: ids[0]}
     rows.apply(BatchUpdate(batch_size=0, removed=[2, 1, 0], added=[], moved=[]))
     assert not rows.material.any(), "a finished request's matrices must not outlive it"
@@ -146,7 +150,8 @@ def test_rows_grow_with_the_batch_up_to_max_num_seqs():
     rows.apply(BatchUpdate(batch_size=1, removed=[], added=[(0, params_of("a" * 32), None, [])], moved=[]))
     rows.apply(BatchUpdate(batch_size=13, removed=[], added=[(12, params_of("b" * 32), None, [])], moved=[]))
     assert rows.material.shape[2] == 16
-    assert torch.equal(row(rows, 0), expected("a" * 32)) and torch.equal(row(rows, 12), expected("b" * 32))
+    torch.testing.assert_close(row(rows, 0), expected("a" * 32))
+    torch.testing.assert_close(row(rows, 12), expected("b" * 32))
     rows.apply(BatchUpdate(batch_size=20, removed=[], added=[(19, params_of("c" * 32), None, [])], moved=[]))
     assert rows.material.shape[2] == 20
     with pytest.raises(ShieldError, match="beyond max_num_seqs=20"):
@@ -243,7 +248,7 @@ def slot_rows(cache, block):
 
 def test_kv_layout_matches_the_attack_decoder():
     """cache_shuffle's offsets read the same K and V as the decoder proven on real CPU blocks (kvcache.py)."""
-    from vllm_kvshield import kvcache
+    from vllm_kvshield.attack import kvcache
 
     cache = torch.randn(3, 2, 32, 16)
     k, v = kvcache.decode_blocks(cache, torch.tensor([2, 0]), 40)  # [T, H, d]

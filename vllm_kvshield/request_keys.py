@@ -102,9 +102,9 @@ class RequestKeyRows:
             seeds = self._seeds(key_ids)
             if len(seeds) != len(key_ids):
                 raise ShieldError(f"kvshield: the enclave answered {len(seeds)} seeds for {len(key_ids)} requests")
-            for (row, *_), kid, seed in zip(update.added, key_ids, seeds):
-                mats = transforms.request_material(seed, self.layers, self.kv_heads, self.head_dim)  # [L, 4, H, d, d]
-                self.material[:, :, row] = mats.to(self.material.dtype)
+            mats = transforms.request_material(seeds, self.layers, self.kv_heads, self.head_dim)  # [N, L, 4, H, d, d]
+            for (row, *_), kid, m in zip(update.added, key_ids, mats):
+                self.material[:, :, row] = m.to(self.material.dtype)
                 self.key_ids[row] = kid
         for a, b, direction in update.moved:
             if direction == MoveDirectionality.SWAP:

@@ -328,30 +328,32 @@ def request_seed(key: bytes, key_id: str) -> bytes:
     return hmac.new(key, KDF_VERSION + b"/request-seed\0" + key_id.encode(), hashlib.sha256).digest()
 
 
-def request_material(seed: bytes, layers, kv_heads, head_dim: int) -> torch.Tensor:
-    """Per layer and KV head the four runtime matrices of one request, fp32 [L, 4, H, d, d]:
+def request_material(seeds: list[bytes], layers, kv_heads, head_dim: int) -> torch.Tensor:
+    """Per request, layer and KV head the four runtime matrices, fp32 [N, L, 4, H, d, d]:
 
         0: M (K after RoPE), 1: M^{-T} (Q), 2: A (V), 3: A^{-1} (attention output)
         k'' = k' M, q'' = q' M^{-T}  =>  q'' k''^T == q' k'^T;   v'' = v' A, o' = o'' A^{-1}
 
     M = U diag(s) W and A likewise: U, W Haar-orthogonal, s log-uniform in [1/2, 2], so
-    cond <= DENSE_COND. Each (layer, head) draws from its own generator, seeded with 64 bits
-    of SHAKE-256(seed, layer, head): a tensor-parallel rank expands only the heads it holds.
-    layers, kv_heads: global indices.
+    cond <= DENSE_COND. Each (request, layer, head) draws from its own generator, seeded with
+    64 bits of SHAKE-256(seed, layer, head): a tensor-parallel rank expands only the heads it
+    holds. layers, kv_heads: global indices. One batched QR for all requests (the cost).
     """
-    if len(seed) != KEY_BYTES:
-        raise ValueError(f"request seed must be {KEY_BYTES} bytes, got {len(seed)}")
+    bad = [len(s) for s in seeds if len(s) != KEY_BYTES]
+    if bad or not seeds:
+        raise ValueError(f"request seeds must be {KEY_BYTES} bytes each, got lengths {[len(s) for s in seeds]}")
     d = head_dim
     gauss, unif = [], []
-    for layer in layers:
-        for head in kv_heads:
-            sub = hashlib.shake_256(seed + f"/layer={layer}/head={head}".encode()).digest(8)
-            g = torch.Generator().manual_seed(int.from_bytes(sub, "little") & (2**63 - 1))
-            gauss.append(torch.randn(4, d, d, generator=g))  # U_K, W_K, U_V, W_V
-            unif.append(torch.rand(2, d, generator=g))  # s_K, s_V
-    q, r = torch.linalg.qr(torch.stack(gauss))  # [L*H, 4, d, d]
-    ortho = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-    s = torch.exp((2.0 * torch.stack(unif) - 1.0) * (0.5 * math.log(DENSE_COND)))  # [L*H, 2, d]
+    for seed in seeds:
+        for layer in layers:
+            for head in kv_heads:
+                sub = hashlib.shake_256(seed + f"/layer={layer}/head={head}".encode()).digest(8)
+                g = torch.Generator().manual_seed(int.from_bytes(sub, "little") & (2**63 - 1))
+                gauss.append(torch.randn(4, d, d, generator=g))  # U_K, W_K, U_V, W_V
+                unif.append(torch.rand(2, d, generator=g))  # s_K, s_V
+    q, r = torch.linalg.qr(torch.stack(gauss).view(-1, d, d))
+    ortho = (q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)).view(-1, 4, d, d)
+    s = torch.exp((2.0 * torch.stack(unif) - 1.0) * (0.5 * math.log(DENSE_COND)))  # [N*L*H, 2, d]
     u_k, w_k, u_v, w_v = ortho.unbind(1)
     s_k, s_v = s[:, 0, :, None], s[:, 1, :, None]
     mats = torch.stack(
@@ -362,8 +364,8 @@ def request_material(seed: bytes, layers, kv_heads, head_dim: int) -> torch.Tens
             w_v.transpose(-1, -2) @ (u_v.transpose(-1, -2) / s_v),  # A^{-1} = W^T diag(1/s) U^T
         ),
         dim=1,
-    )  # [L*H, 4, d, d]
-    return mats.unflatten(0, (len(layers), len(kv_heads))).transpose(1, 2).contiguous()
+    )  # [N*L*H, 4, d, d]
+    return mats.unflatten(0, (len(seeds), len(layers), len(kv_heads))).transpose(2, 3).contiguous()
 
 
 # --- the enclave's one call ------------------------------------------------------------------

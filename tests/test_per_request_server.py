@@ -1,0 +1,71 @@
+"""Mode per-request behind vLLM's OpenAI server: concurrent chats (tenants and lone requests) answer as plain
+vLLM does, /metrics counts the request keys, and a client cannot choose a key id.
+
+One `kvshield serve --mode per-request` (eager, float32); the reference answers come from the session's
+plain offline engine (same weights, same chat template, greedy).
+"""
+
+import concurrent.futures
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_metrics import scrape
+from test_serve import SERVED_NAME, ServeProcess, free_port, post
+
+from vllm_kvshield import data
+
+ENGINE = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20)]
+MAX_TOKENS = 16
+CONCURRENCY = 16
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    proc = ServeProcess(["--mode", "per-request", "--port", str(port), *ENGINE])
+    try:
+        ready = proc.wait_for_ready_or_exit()
+        assert ready and "mode=per-request" in ready, proc.stderr[-10:]
+        yield port
+    finally:
+        proc.stop()
+
+
+def bodies() -> list[dict]:
+    """42 chats x 2: lone requests, and the same chats under two tenants' salts."""
+    out = []
+    for i, prompt in enumerate(data.chat_prompts()):
+        body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0}
+        out.append(body)
+        out.append({**body, "cache_salt": f"tenant-{i % 2}"})
+    return out
+
+
+def test_concurrent_chats_answer_as_plain_vllm(server, engines):
+    from vllm import SamplingParams
+
+    requests = bodies()
+    def answer(body: dict) -> str:
+        return post(f"http://127.0.0.1:{server}/v1/chat/completions", body)["choices"][0]["message"]["content"]
+
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+        served = list(pool.map(answer, requests))
+    plain = engines.get("none").chat([b["messages"] for b in requests], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    same = sum(a == p.outputs[0].text for a, p in zip(served, plain))
+    assert same >= 0.95 * len(requests), f"{same}/{len(requests)} answers as plain vLLM's"
+    families = {f.name: f for f in text_string_to_metric_families(scrape(server))}
+    keys = families["kvshield_request_keys"].samples[0].value
+    assert keys >= len(requests), f"{keys} request keys for {len(requests)} requests"
+    info = families["kvshield_info"].samples[0].labels
+    assert info["mode"] == "per-request"
+
+
+def test_a_client_cannot_choose_a_key_id(server):
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "vllm_xargs": {"kvshield_key_id": "0" * 32}}
+    with pytest.raises(urllib.error.HTTPError) as err:
+        post(f"http://127.0.0.1:{server}/v1/chat/completions", body)
+    assert err.value.code == 400
+    assert "kvshield_key_id" in json.loads(err.value.read().decode())["error"]["message"]
