@@ -59,21 +59,27 @@ def plain_greedy(engines) -> list[list[int]]:
     return greedy(engines.get("none"), data.chat_prompts()[:24])
 
 
-def test_permute_greedy_equals_plain_fp32(engines, plain_greedy):
+def keyed(engines, key_file, mode: str):
+    """The session's engine of `mode` under the known key: the greedy and the KV tests share it."""
+    return engines.get(mode, key_file=key_file[0])
+
+
+def test_permute_greedy_equals_plain_fp32(engines, key_file, plain_greedy):
     """A permutation is exact up to summation order: fp32 greedy output is token-for-token plain's."""
     prompts = data.chat_prompts()[:24]
-    shielded = greedy(engines.get("permute"), prompts)
+    shielded = greedy(keyed(engines, key_file, "permute"), prompts)
     mismatched = [p for p, a, b in zip(prompts, plain_greedy, shielded) if a != b]
     assert not mismatched, f"{len(mismatched)}/{len(prompts)} prompts differ, first: {mismatched[0]!r}"
 
 
 @pytest.mark.parametrize("mode", ["mix-v", "mix"])
-def test_mixing_greedy_agrees_with_plain_fp32(engines, plain_greedy, mode):
+def test_mixing_greedy_agrees_with_plain_fp32(engines, key_file, plain_greedy, mode):
     """Dense mixing moves fp32 rounding: at least 95% of 24 chats agree token for token over 32 tokens."""
-    shielded = greedy(engines.get(mode), data.chat_prompts()[:24])
+    llm = keyed(engines, key_file, mode)
+    shielded = greedy(llm, data.chat_prompts()[:24])
     agree = sum(a == b for a, b in zip(plain_greedy, shielded))
     assert agree >= 0.95 * len(shielded), f"{agree}/{len(shielded)} chats agree"
-    assert status(engines.get(mode))["mode"] == mode
+    assert status(llm)["mode"] == mode
 
 
 @pytest.mark.parametrize("mode", [m for m in transforms.MODES if m != "per-request"])  # tests/test_per_request.py
@@ -83,8 +89,8 @@ def test_kv_cache_holds_what_the_key_predicts(engines, key_file, mode):
     permute at layer 0 bit-exactly (the same products, moved); dense modes and deeper
     layers to fp32 tolerance (plain K/V are themselves computed with fp32 rounding).
     """
-    path, key = key_file
-    plain_llm, shielded_llm = engines.get("none"), engines.get(mode, key_file=path)
+    _, key = key_file
+    plain_llm, shielded_llm = engines.get("none"), keyed(engines, key_file, mode)
     ids = plain_llm.get_tokenizer().encode(PRIVATE)
     k0, v0 = kvcache.prompt_kv(plain_llm, ids, LAYERS)
     k1, v1 = kvcache.prompt_kv(shielded_llm, ids, LAYERS)
@@ -102,8 +108,7 @@ def test_kv_cache_holds_what_the_key_predicts(engines, key_file, mode):
 
 def test_fresh_key_per_start(engines, key_file):
     """Without a key file each start draws a new key: two engines hold different blocks for one prompt."""
-    path, _ = key_file
-    with_file, fresh = engines.get("permute", key_file=path), engines.get("permute")
+    with_file, fresh = keyed(engines, key_file, "permute"), engines.get("permute")
     ids = with_file.get_tokenizer().encode(PRIVATE)
     k1, _ = kvcache.prompt_kv(with_file, ids, [0])
     k2, _ = kvcache.prompt_kv(fresh, ids, [0])
