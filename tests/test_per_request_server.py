@@ -22,6 +22,7 @@ from vllm_kvshield import data
 ENGINE = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20)]
 MAX_TOKENS = 16
 CONCURRENCY = 16
+CHATS = 16  # x 2 requests, CONCURRENCY in flight at a time (tests/test_per_request.py runs more chats on the engine)
 # The first test also starts the server (and the plain engine): more than the default per-test timeout.
 STARTS_A_SERVER = pytest.mark.timeout(1800)
 
@@ -44,9 +45,9 @@ def server(served) -> int:
 
 
 def bodies() -> list[dict]:
-    """42 chats x 2: lone requests, and the same chats under two tenants' salts."""
+    """CHATS chats x 2: lone requests, and the same chats under two tenants' salts (the engine tests run more)."""
     out = []
-    for i, prompt in enumerate(data.chat_prompts()):
+    for i, prompt in enumerate(data.chat_prompts()[:CHATS]):
         body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": MAX_TOKENS, "temperature": 0}
         out.append(body)
         out.append({**body, "cache_salt": f"tenant-{i % 2}"})
