@@ -12,8 +12,9 @@ class Observed:
     def __init__(self, llm, mode, requests, conversation):
         self.llm = llm
         self.status = engine.require_shield(llm, mode)
-        self.requests = [(r, engine.observe(llm, r.tokens, (0, DEEP_LAYER))) for r in requests]
-        self.conversation = (conversation, engine.observe(llm, conversation.tokens, (0,)))
+        self.layout = engine.layout_of(llm, mode)
+        self.requests = [(r, engine.observe(llm, r.tokens, (0, DEEP_LAYER), self.layout)) for r in requests]
+        self.conversation = (conversation, engine.observe(llm, conversation.tokens, (0,), self.layout))
 
 
 def mean_rate(attack, observed: Observed) -> float:

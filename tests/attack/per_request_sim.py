@@ -46,13 +46,12 @@ def simulate_static(public, tokens: list[int], mode: str, key: bytes = STATIC_KE
     return Observation((0,), k.bfloat16().float()[None], v.bfloat16().float()[None], Layout(block_size))
 
 
-def simulate_per_request(public, tokens: list[int], generator: torch.Generator, block_size: int = 128, shuffle: bool = True) -> Observation:
-    """One request under its own fresh key (dense per head on K and V) over mix-v, rows shuffled per head in blocks."""
-    k, v = static_layer0(public, tokens, "mix-v")
+def per_request_cache(k: torch.Tensor, v: torch.Tensor, generator: torch.Generator, block_size: int = 128, shuffle: bool = True) -> Observation:
+    """k (after RoPE), v [T, H, d] as the static transforms cached them -> the per-request mode's layer-0 cache:
+    a fresh dense map per KV head on K and on V, bf16 rounding, rows shuffled per head inside blocks."""
     t_len, h, d = k.shape
-    k = torch.stack([k[:, j] @ _dense(d, generator) for j in range(h)], 1)
-    v = torch.stack([v[:, j] @ _dense(d, generator) for j in range(h)], 1)
-    k, v = k.bfloat16().float(), v.bfloat16().float()
+    k = torch.stack([k[:, j].double() @ _dense(d, generator) for j in range(h)], 1).bfloat16().float()
+    v = torch.stack([v[:, j].double() @ _dense(d, generator) for j in range(h)], 1).bfloat16().float()
     if shuffle:
         for j in range(h):
             for start in range(0, t_len, block_size):
@@ -60,3 +59,18 @@ def simulate_per_request(public, tokens: list[int], generator: torch.Generator, 
                 perm = start + torch.randperm(stop - start, generator=generator)
                 k[start:stop, j], v[start:stop, j] = k[perm, j].clone(), v[perm, j].clone()
     return Observation((0,), k[None], v[None], Layout(block_size, ordered=not shuffle, shared_key=False))
+
+
+def simulate_per_request(public, tokens: list[int], generator: torch.Generator, block_size: int = 128, shuffle: bool = True) -> Observation:
+    """One request under its own fresh key over mix-v (key STATIC_KEY), rows shuffled per head in blocks."""
+    k, v = static_layer0(public, tokens, "mix-v")
+    return per_request_cache(k, v, generator, block_size, shuffle)
+
+
+def mix_v_over(public, k: torch.Tensor, v: torch.Tensor, key: bytes = STATIC_KEY) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain cached layer-0 k (after RoPE), v [T, H, d] (e.g. read from a plain engine) under mix-v's static transform."""
+    s = public.shape
+    shape = T.AttentionShape(num_heads=s.heads, num_kv_heads=s.kv_heads, head_dim=s.head_dim, hidden_size=s.hidden)
+    lk = T.derive_layer_key(key, 0, shape, "mix-v")
+    k = torch.einsum("thd,hde->the", k.double()[:, lk.kv_heads], lk.k_mat)
+    return k, torch.einsum("thd,hde->the", v.double()[:, lk.kv_heads], lk.v_mat)

@@ -13,6 +13,7 @@ positions for every n. What each attack knows is in ATTACKS (and the report).
 """
 
 import platform
+from pathlib import Path
 import statistics
 import time
 from collections import Counter
@@ -30,6 +31,7 @@ from .bootstrap import Bootstrap
 from .chosen_plaintext import ChosenPlaintext
 from .frequency import EqualityFrequency
 from .known_plaintext import KnownPlaintext
+from .kvcloak_dump import write_dump
 from .kvcloak import KVCloakCollision, KVCloakInversion, calibrate_threshold
 from .llama_forward import LlamaForward
 from .moments import CentredPairNorms
@@ -47,6 +49,7 @@ COLLISION_REQUESTS = 8
 BOOTSTRAP_REQUESTS = 10  # the single-request bootstraps run on the first this many requests
 TEMPLATE_POOLS = (1, 5, 30)  # requests observed together (pooled where the design shares the key)
 CHOSEN_COUNTS = (1, 2, 4, 8)  # the attacker's own requests
+KVCLOAK_REQUESTS = 3  # requests dumped per mode for KV-Cloak's own code (scripts/kvcloak_attack.sh)
 EVALUATED_AFTER_KNOWN = 128  # a conversation holds at least max(known_counts) + this many tokens
 
 # attack -> what the attacker knows (report groups, in this order)
@@ -72,6 +75,8 @@ class HarnessConfig:
     bootstrap_requests: int = BOOTSTRAP_REQUESTS
     template_pools: tuple[int, ...] = TEMPLATE_POOLS
     chosen_counts: tuple[int, ...] = CHOSEN_COUNTS
+    kvcloak_dump: str | None = None  # folder for KV-Cloak-format dumps of the first kvcloak_requests requests
+    kvcloak_requests: int = KVCLOAK_REQUESTS
 
     def __post_init__(self):
         bad = [m for m in self.modes if m not in COMPARED_MODES]
@@ -231,6 +236,10 @@ def evaluate_mode(llm, mode: str, attacker: Attacker, singles: list[Request], co
         attack_request(attacker, obs, req, mode, result, collide=i < config.collision_requests)
         if bar is not None:
             bar.update(1)
+    if config.kvcloak_dump:
+        every = tuple(range(attacker.public.shape.layers))
+        for i, req in enumerate(singles[: config.kvcloak_requests]):
+            write_dump(Path(config.kvcloak_dump) / mode / str(i), engine.observe(llm, req.tokens, every, layout), req, mode)
     mine = [engine.observe(llm, r.tokens, (0,), layout).with_known(r.tokens) for r in own]
     attack_pools(attacker, victims, mine, config, result)
     for req in convs:
