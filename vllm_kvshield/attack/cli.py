@@ -52,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
         help="also write the first requests' blocks, every layer, in KV-Cloak's format to DIR/MODE/I "
         "(for scripts/kvcloak_attack.sh, which runs KV-Cloak's own attack code on them)",
     )  # fmt: skip
+    p.add_argument(
+        "--ciphertext-requests", type=int,
+        help="run the ciphertext-only attacks on this many requests (default: all); every request is still observed",
+    )  # fmt: skip
+    p.add_argument("--add", action="store_true", help="add these modes to the report already in --out (e.g. one run per mode)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -111,9 +116,15 @@ def main(argv: list[str]) -> int:
     config = HarnessConfig(
         model=args.model, prompts=prompts, modes=modes, dtype=args.dtype,
         deep_layer=args.layer, collision_requests=args.collision_requests, bootstrap_requests=args.bootstrap_requests,
-        kvcloak_dump=args.kvcloak_dump,
+        kvcloak_dump=args.kvcloak_dump, ciphertext_requests=args.ciphertext_requests,
     )  # fmt: skip
     report = run(config, progress=not args.quiet)
+    report["config"]["command"] = "kvshield attack " + " ".join(argv)
+    previous = Path(args.out) / "attack.json"
+    if args.add and previous.exists():
+        from .report import merge
+
+        report = merge(json.loads(previous.read_text()), report)
     paths = write_report(report, args.out)
     print(paths["md"].read_text())
     print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)

@@ -24,8 +24,8 @@ from .observation import Observation
 from .public_model import PublicModel
 
 EQUAL_TOLERANCE = 1e-2  # relative L2 distance under which two V rows count as the same token
-GROUPS = 6  # largest groups tried
-CANDIDATES = 40  # most frequent prior tokens tried per group
+GROUPS = 8  # largest groups tried
+CANDIDATES = 12  # most frequent prior tokens tried per group
 LINEAR_TOLERANCE = 1e-2  # leave-one-out relative residual of an accepted dense fit
 
 

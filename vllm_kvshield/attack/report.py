@@ -93,6 +93,8 @@ def markdown(report: dict) -> str:
             "## 9. Known plaintext of the victim's own request, bootstrapped: the first n tokens known (their rows found "
             "without positions where rows are shuffled)",
             "",
+            f"The first {cfg.get('prefix_conversations', '?')} conversations, scored as above.",
+            "",
         ]
         lines += _table(report, modes, "known_prefix", [str(n) for n in prefix], [f"n = {n}" for n in prefix])
         lines += ["", "| mode | passes 1% at n | chosen plaintext: own requests for 99% |", "|---|---|---|"]
@@ -144,6 +146,20 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+PER_MODE = ("results", "known_plaintext", "known_prefix", "details")
+
+
+def merge(old: dict, new: dict) -> dict:
+    """A report of more modes: `new`'s modes added to (or replacing) `old`'s; run times summed, config from `new`."""
+    out = {key: {**old.get(key, {}), **new.get(key, {})} for key in PER_MODE}
+    out["intervals"] = {k: {**old["intervals"].get(k, {}), **v} for k, v in new["intervals"].items()}
+    out["attacks"] = {**old.get("attacks", {}), **new.get("attacks", {})}
+    seconds = {**old["config"]["seconds"]["per_mode"], **new["config"]["seconds"]["per_mode"]}
+    out["config"] = {**new["config"], "seconds": {"per_mode": seconds, "total": sum(seconds.values())}}
+    out["config"]["runs"] = old["config"].get("runs", [old["config"].get("command")]) + [new["config"].get("command")]
+    return out
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:

@@ -49,6 +49,7 @@ COLLISION_REQUESTS = 8
 BOOTSTRAP_REQUESTS = 10  # the single-request bootstraps run on the first this many requests
 TEMPLATE_POOLS = (1, 5, 30)  # requests observed together (pooled where the design shares the key)
 CHOSEN_COUNTS = (1, 2, 4, 8)  # the attacker's own requests
+PREFIX_CONVERSATIONS = 2
 KVCLOAK_REQUESTS = 3  # requests dumped per mode for KV-Cloak's own code (scripts/kvcloak_attack.sh)
 EVALUATED_AFTER_KNOWN = 128  # a conversation holds at least max(known_counts) + this many tokens
 
@@ -71,10 +72,12 @@ class HarnessConfig:
     deep_layer: int = DEEP_LAYER
     known_counts: tuple[int, ...] = KNOWN_COUNTS
     collision_requests: int = COLLISION_REQUESTS  # the collision attack runs on the first this many requests
+    ciphertext_requests: int | None = None  # the ciphertext-only attacks run on the first this many (None: all)
     prefix_counts: tuple[int, ...] = PREFIX_COUNTS
     bootstrap_requests: int = BOOTSTRAP_REQUESTS
     template_pools: tuple[int, ...] = TEMPLATE_POOLS
     chosen_counts: tuple[int, ...] = CHOSEN_COUNTS
+    prefix_conversations: int = PREFIX_CONVERSATIONS  # the bootstrapped known-prefix curve runs on the first this many
     kvcloak_dump: str | None = None  # folder for KV-Cloak-format dumps of the first kvcloak_requests requests
     kvcloak_requests: int = KVCLOAK_REQUESTS
 
@@ -200,7 +203,7 @@ def attack_pools(attacker: Attacker, victims: list[tuple[Request, Observation]],
     result.checks["equality_frequency_groups_accepted"] = [list(a) for a in attacker.frequency.last_accepted]
 
 
-def attack_conversation(attacker: Attacker, obs: Observation, req: Request, config: "HarnessConfig", result: ModeResult) -> None:
+def attack_conversation(attacker: Attacker, obs: Observation, req: Request, config: "HarnessConfig", result: ModeResult, bootstrap: bool) -> None:
     """Known plaintext for every n, scored on the private tokens after max(counts): the first n tokens known,
     fitted and undone (ordered layouts only: it needs positions), and bootstrapped from them (any layout)."""
     counts = config.known_counts + config.prefix_counts
@@ -212,7 +215,7 @@ def attack_conversation(attacker: Attacker, obs: Observation, req: Request, conf
             parts = result.families.setdefault(n, {"k": Counter(), "v": Counter()})
             for part, fit in attacker.known_plaintext.last_fits.items():
                 parts[part][fit.family if fit.accepted else "none accepted"] += 1
-    for n in config.prefix_counts:
+    for n in config.prefix_counts if bootstrap else ():
         t0 = time.monotonic()
         guesses = attacker.bootstrap.recover(obs.with_known(req.tokens[:n]))
         result.prefix.setdefault(n, []).append(recovery_rate(guesses, req.tokens, scored))
@@ -233,7 +236,8 @@ def evaluate_mode(llm, mode: str, attacker: Attacker, singles: list[Request], co
         engine.require_cache_state(mode, mismatch)
         mismatches.append(mismatch)
         victims.append((req, obs))
-        attack_request(attacker, obs, req, mode, result, collide=i < config.collision_requests)
+        if config.ciphertext_requests is None or i < config.ciphertext_requests:
+            attack_request(attacker, obs, req, mode, result, collide=i < config.collision_requests)
         if bar is not None:
             bar.update(1)
     if config.kvcloak_dump:
@@ -242,10 +246,10 @@ def evaluate_mode(llm, mode: str, attacker: Attacker, singles: list[Request], co
             write_dump(Path(config.kvcloak_dump) / mode / str(i), engine.observe(llm, req.tokens, every, layout), req, mode)
     mine = [engine.observe(llm, r.tokens, (0,), layout).with_known(r.tokens) for r in own]
     attack_pools(attacker, victims, mine, config, result)
-    for req in convs:
+    for i, req in enumerate(convs):
         obs = engine.observe(llm, req.tokens, (0,), layout)
         engine.require_cache_state(mode, engine.plain_mismatch(attacker.public, obs, req.tokens))
-        attack_conversation(attacker, obs, req, config, result)
+        attack_conversation(attacker, obs, req, config, result, bootstrap=i < config.prefix_conversations)
         if bar is not None:
             bar.update(1)
     result.checks["layer0_relative_distance_to_plain"] = {
