@@ -51,8 +51,7 @@ CLAIMS = {
     },
     "mix": {**{a: RESISTS for a in CIPHERTEXT}, "template_1": BREAKS, "chosen_plaintext": BREAKS},
 }  # fmt: skip
-if "per-request" in engine.ATTACK_MODES:  # per-request keys and rows shuffled inside blocks (issue 11)
-    CLAIMS["per-request"] = {a: RESISTS for a in CIPHERTEXT + KNOWING}
+CLAIMS["per-request"] = {a: RESISTS for a in CIPHERTEXT + KNOWING}  # per-request keys, rows shuffled in blocks
 CASES = [(m, a) for m, claims in CLAIMS.items() for a in claims]
 
 
