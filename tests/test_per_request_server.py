@@ -22,6 +22,8 @@ from vllm_kvshield import data
 ENGINE = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20)]
 MAX_TOKENS = 16
 CONCURRENCY = 16
+# The first test also starts the server (and the plain engine): more than the default per-test timeout.
+STARTS_A_SERVER = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,7 @@ def bodies() -> list[dict]:
     return out
 
 
+@STARTS_A_SERVER
 def test_concurrent_chats_answer_as_plain_vllm(server, engines):
     from vllm import SamplingParams
 
