@@ -61,9 +61,12 @@ def layout_of(llm, mode: str) -> Layout:
     return Layout(block_size)
 
 
-def observe(llm, tokens: list[int], layers: tuple[int, ...], layout: Layout) -> Observation:
-    """Prefill `tokens` and read their K/V at `layers` from the engine's cache tensors, rows in block-table order."""
-    k, v = kvcache.prompt_kv(llm, tokens, list(layers))
+def observe(llm, tokens: list[int], layers: tuple[int, ...], layout: Layout, cache_salt: str | None = None) -> Observation:
+    """Prefill `tokens` and read their K/V at `layers` from the engine's cache tensors, rows in block-table order.
+
+    cache_salt: the request's tenant (per-request mode: one key per salt; without one, a fresh key per request).
+    """
+    k, v = kvcache.prompt_kv(llm, tokens, list(layers), cache_salt)
     if k.shape[1] != len(tokens):
         raise RuntimeError(f"read {k.shape[1]} positions from the cache for a {len(tokens)}-token request")
     return Observation(tuple(layers), k, v, layout)

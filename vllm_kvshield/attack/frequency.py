@@ -99,3 +99,24 @@ class EqualityFrequency:
             return [self._shuffled(o.with_anchors(())) for o in observations]
         pools = [observations] if layout.shared_key else [[o] for o in observations]
         return [g for pool in pools for g in self._ordered_pool(pool)]
+
+
+def linked_share(target: Observation, others: list[Observation], private: list[int], tolerance: float = EQUAL_TOLERANCE) -> float:
+    """Cross-request equality: the share of the target's rows that equal (relative L2 < tolerance) a layer-0 V row
+    of another request, per KV head, averaged over heads. Ordered layouts: over the private positions; shuffled
+    ones (positions unknown): over every row, template included (an upper bound of the private share).
+
+    Under one server-wide key every repeated token links its requests; under per-request keys nothing should.
+    """
+    _, v = target.at(0)  # [T, H, d]
+    rows = private if target.layout.ordered else list(range(target.length))
+    if not rows or not others:
+        raise ValueError("linked_share needs rows to score and at least one other request")
+    shares = []
+    for j in range(v.shape[1]):
+        mine = v[rows, j]
+        unit = mine / mine.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        theirs = torch.cat([o.at(0)[1][:, j] for o in others])
+        theirs = theirs / theirs.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        shares.append(float((torch.cdist(unit, theirs).amin(1) < tolerance).float().mean()))
+    return sum(shares) / len(shares)

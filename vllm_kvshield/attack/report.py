@@ -16,6 +16,7 @@ ATTACK_LABELS = {
     "centred_pair_norms": "3. centred log pair norms (K)",
     "kvcloak_inversion": "5. KV-Cloak inversion",
     "equality_frequency": "8. equal rows + frequency prior",
+    "cross_request_equality": "8. rows equal to another request's (linked, not decoded)",
     "template_1": "6. template bootstrap, 1 request",
     "template_5": "6. template bootstrap, 5 requests",
     "template_30": "6. template bootstrap, 30 requests",

@@ -29,7 +29,7 @@ from .direct import DirectInversion
 from .invariant import PermutationInvariant
 from .bootstrap import Bootstrap
 from .chosen_plaintext import ChosenPlaintext
-from .frequency import EqualityFrequency
+from .frequency import EqualityFrequency, linked_share
 from .known_plaintext import KnownPlaintext
 from .kvcloak_dump import write_dump
 from .kvcloak import KVCloakCollision, KVCloakInversion, calibrate_threshold
@@ -37,6 +37,7 @@ from .llama_forward import LlamaForward
 from .moments import CentredPairNorms
 from .observation import Observation
 from .prior import public_prior
+from .rotation_invariants import invariant_forms, token_groups
 from .public_model import PublicModel
 from .requests import Request, attacker_requests, chat_request, conversations, single_requests
 from .template import TemplateBootstrap
@@ -50,6 +51,7 @@ BOOTSTRAP_REQUESTS = 10  # the single-request bootstraps run on the first this m
 TEMPLATE_POOLS = (1, 5, 30)  # requests observed together (pooled where the design shares the key)
 CHOSEN_COUNTS = (1, 2, 4, 8)  # the attacker's own requests
 PREFIX_CONVERSATIONS = 2
+ATTACKER_SALT = "attacker-tenant"  # the client attacker's own tenant (per-request: its requests share its key)
 KVCLOAK_REQUESTS = 3  # requests dumped per mode for KV-Cloak's own code (scripts/kvcloak_attack.sh)
 EVALUATED_AFTER_KNOWN = 128  # a conversation holds at least max(known_counts) + this many tokens
 
@@ -145,6 +147,7 @@ def attack_names(config: "HarnessConfig") -> dict[str, str]:
     """Every attack of a run -> what its attacker knows (a KNOWS key), in report order."""
     names = {a: "ciphertext" for a in CIPHERTEXT_ONLY}
     names["equality_frequency"] = "prior"
+    names["cross_request_equality"] = "prior"
     names.update({f"template_{n}": "template" for n in config.template_pools})
     names["template_markup_1"] = "template"
     names["kvcloak_collision"] = "template"
@@ -200,6 +203,11 @@ def attack_pools(attacker: Attacker, victims: list[tuple[Request, Observation]],
     pool = victims[: max(config.template_pools)]
     t0 = time.monotonic()
     _score(result, "equality_frequency", attacker.frequency.recover_pool([o for _, o in pool]), [r for r, _ in pool], t0)
+    t0 = time.monotonic()
+    for i, (req, obs) in enumerate(pool):
+        others = [o for k, (_, o) in enumerate(pool) if k != i]
+        result.rates.setdefault("cross_request_equality", []).append(linked_share(obs, others, req.private))
+    result.seconds["cross_request_equality"] = time.monotonic() - t0
     result.checks["equality_frequency_groups_accepted"] = [list(a) for a in attacker.frequency.last_accepted]
 
 
@@ -215,6 +223,13 @@ def attack_conversation(attacker: Attacker, obs: Observation, req: Request, conf
             parts = result.families.setdefault(n, {"k": Counter(), "v": Counter()})
             for part, fit in attacker.known_plaintext.last_fits.items():
                 parts[part][fit.family if fit.accepted else "none accepted"] += 1
+    if not obs.layout.ordered:  # within-request K: how far equal-token rows pin down the request's map
+        k, v = obs.at(0)
+        forms = [invariant_forms(k[:, j], token_groups(v[:, j])) for j in range(k.shape[1])]
+        result.checks.setdefault("k_rotation_invariants", []).append(
+            {"tokens": len(req.tokens), "equations": [f.equations for f in forms], "unknowns": forms[0].unknowns,
+             "null_dimension": [f.null_dimension for f in forms], "needed": k.shape[2] // 2}
+        )  # fmt: skip
     for n in config.prefix_counts if bootstrap else ():
         t0 = time.monotonic()
         guesses = attacker.bootstrap.recover(obs.with_known(req.tokens[:n]))
@@ -244,7 +259,7 @@ def evaluate_mode(llm, mode: str, attacker: Attacker, singles: list[Request], co
         every = tuple(range(attacker.public.shape.layers))
         for i, req in enumerate(singles[: config.kvcloak_requests]):
             write_dump(Path(config.kvcloak_dump) / mode / str(i), engine.observe(llm, req.tokens, every, layout), req, mode)
-    mine = [engine.observe(llm, r.tokens, (0,), layout).with_known(r.tokens) for r in own]
+    mine = [engine.observe(llm, r.tokens, (0,), layout, ATTACKER_SALT).with_known(r.tokens) for r in own]
     attack_pools(attacker, victims, mine, config, result)
     for i, req in enumerate(convs):
         obs = engine.observe(llm, req.tokens, (0,), layout)
