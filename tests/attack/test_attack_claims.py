@@ -30,6 +30,8 @@ from vllm_kvshield.attack.runner import ATTACKER_SALT
 from vllm_kvshield.attack.stats import recovery_rate
 from vllm_kvshield.attack.template import TemplateBootstrap
 
+from attack_helpers import shuffle_off, shuffle_on
+
 PROMPTS = [
     "My name is Odile Farquharson and my bank PIN is 4471. Please remind me to call Dr. Ibsen on Tuesday about my blood test.",
     "I live at 9 Quarry Lane, Penrith CA11 7QB with my partner Kwame; write a note to our neighbour about the fence.",
@@ -142,31 +144,17 @@ def test_claim(claim_rates, mode, attack):
     assert broken is None, broken
 
 
-def shuffle_switch(on: bool):
-    """A function for the worker (apply_model; nested, so pickled by value): the per-request mode's row shuffle
-    switched off (on=False) or back on."""
-
-    def switch(model) -> None:
-        from vllm_kvshield import cache_shuffle
-
-        if not hasattr(cache_shuffle, "kept_shuffle_step"):
-            cache_shuffle.kept_shuffle_step = cache_shuffle.shuffle_step
-        cache_shuffle.shuffle_step = cache_shuffle.kept_shuffle_step if on else (lambda *args, **kwargs: None)
-
-    return switch
-
-
 def test_per_request_without_its_shuffle_breaks_the_template_claim(engines, public):
     """The weakened transform turns the claim red: the real per-request engine with its row shuffle switched off
     (per-request keys alone, rows at their positions) falls to the template bootstrap from one request."""
     llm = engines.get("per-request", "bfloat16")
     victim = single_requests(public.tokenizer, PROMPTS[:1])[0]
     ordered = Layout(engine.layout_of(llm, "per-request").block_size, ordered=True, shared_key=False)
-    llm.apply_model(shuffle_switch(False))
+    llm.apply_model(shuffle_off)
     try:
         obs = engine.observe(llm, victim.tokens, (0,), ordered)
     finally:
-        llm.apply_model(shuffle_switch(True))
+        llm.apply_model(shuffle_on)
     recovered = recovery_rate(TemplateBootstrap(public).recover(obs), victim.tokens, victim.private)
     assert broken_claim("per-request", "template_1", recovered) is not None, f"unshuffled per-request: {recovered:.1%}"
 
