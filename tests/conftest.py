@@ -28,10 +28,11 @@ def model_path() -> str:
 class Engines:
     """vllm.LLM instances keyed by (mode, dtype, options), started on first use and kept for the session.
 
-    At most MAX_ALIVE run at once (each holds ~2 GiB): the least recently used is shut down.
+    At most MAX_ALIVE run at once (each holds ~2 GiB; KVSHIELD_TEST_ENGINES lowers it on a shared machine):
+    the least recently used is shut down.
     """
 
-    MAX_ALIVE = 5
+    MAX_ALIVE = int(os.environ.get("KVSHIELD_TEST_ENGINES", "5"))
 
     def __init__(self, model: str):
         self.model = model

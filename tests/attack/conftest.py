@@ -1,6 +1,7 @@
 """Fixtures of the attack tests: the public model, and real observations read from real engines' cache blocks.
 
-Engines come from the session pool in tests/conftest.py (float32, mode "none" and "permute").
+Engines come from the session pool in tests/conftest.py: bf16, one per mode, shared with the claims tests
+(test_attack_claims.py) and the quality tests.
 """
 
 import pytest
@@ -32,9 +33,9 @@ def conversation(public):
 
 @pytest.fixture(scope="session")
 def plain(engines, requests_, conversation) -> Observed:
-    return Observed(engines.get("none"), "none", requests_, conversation)
+    return Observed(engines.get("none", "bfloat16"), "none", requests_, conversation)
 
 
 @pytest.fixture(scope="session")
 def permuted(engines, requests_, conversation) -> Observed:
-    return Observed(engines.get("permute"), "permute", requests_, conversation)
+    return Observed(engines.get("permute", "bfloat16"), "permute", requests_, conversation)

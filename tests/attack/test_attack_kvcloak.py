@@ -38,7 +38,7 @@ def test_collision_at_a_deep_layer(plain, permuted, public):
     _, permuted_obs = permuted.requests[0]
     found = {}
     for name, obs, features in (("plain", plain_obs, "raw"), ("permute raw", permuted_obs, "raw"), ("permute invariant", permuted_obs, "invariant")):
-        attack = KVCloakCollision(forward, DEEP_LAYER, calibrated(public, features, torch.float32)["threshold"], features)
+        attack = KVCloakCollision(forward, DEEP_LAYER, calibrated(public, features, torch.bfloat16)["threshold"], features)
         found[name] = recovery_rate(attack.recover(obs.with_known(req.header)), req.tokens, req.private)
     assert found["plain"] >= 0.5, found
     assert found["permute raw"] <= 0.05, found

@@ -2,6 +2,7 @@
 
     kvshield attack --modes none,permute,mix-v,mix --out benchmarks/results
     kvshield attack --modes mix --prompts my_prompts.json --out /tmp/attack --model PATH --layer 15
+    kvshield attack --modes none,mix --kvcloak-dump /tmp/dumps --out /tmp/attack   # then scripts/kvcloak_attack.sh
 
 --prompts: a JSON list of strings (or of objects with a "prompt" field), or a text
 file with one prompt per line; default: the bundled private prompt set. Writes
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from vllm_kvshield.config import COMPARED_MODES, ShieldConfigError, parse_modes
 
-from .runner import COLLISION_REQUESTS, DEEP_LAYER, HarnessConfig
+from .runner import BOOTSTRAP_REQUESTS, COLLISION_REQUESTS, DEEP_LAYER, HarnessConfig
 
 USAGE_ERROR = 2
 DTYPES = ("bfloat16", "float16", "float32")
@@ -28,7 +29,8 @@ class AttackUsageError(Exception):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvshield attack",
-        description="Recover prompts from the KV blocks vLLM holds, knowing only the public model, per shield mode.",
+        description="Recover prompts from the KV blocks vLLM holds, per shield mode, as attackers who know the public "
+        "model and design, the chat template, a token-frequency prior, or send requests of their own.",
         allow_abbrev=False,
     )
     p.add_argument("--modes", default=",".join(COMPARED_MODES), help=f"comma-separated, from {', '.join(COMPARED_MODES)} (default: all)")
@@ -41,6 +43,20 @@ def parser() -> argparse.ArgumentParser:
         "--collision-requests", type=int, default=COLLISION_REQUESTS,
         help=f"run the (slow) collision attack on this many requests (default {COLLISION_REQUESTS})",
     )  # fmt: skip
+    p.add_argument(
+        "--bootstrap-requests", type=int, default=BOOTSTRAP_REQUESTS,
+        help=f"run the single-request bootstraps and chosen plaintext on this many requests (default {BOOTSTRAP_REQUESTS})",
+    )  # fmt: skip
+    p.add_argument(
+        "--kvcloak-dump", metavar="DIR",
+        help="also write the first requests' blocks, every layer, in KV-Cloak's format to DIR/MODE/I "
+        "(for scripts/kvcloak_attack.sh, which runs KV-Cloak's own attack code on them)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ciphertext-requests", type=int,
+        help="run the ciphertext-only attacks on this many requests (default: all); every request is still observed",
+    )  # fmt: skip
+    p.add_argument("--add", action="store_true", help="add these modes to the report already in --out (e.g. one run per mode)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -79,6 +95,8 @@ def main(argv: list[str]) -> int:
         prompts = read_prompts(args.prompts)
         if args.collision_requests < 0:
             raise AttackUsageError(f"kvshield: --collision-requests must be >= 0, got {args.collision_requests}")
+        if args.bootstrap_requests < 1:
+            raise AttackUsageError(f"kvshield: --bootstrap-requests must be >= 1, got {args.bootstrap_requests}")
     except (AttackUsageError, ShieldConfigError) as e:
         print(e, file=sys.stderr)
         return USAGE_ERROR
@@ -97,9 +115,16 @@ def main(argv: list[str]) -> int:
         return USAGE_ERROR
     config = HarnessConfig(
         model=args.model, prompts=prompts, modes=modes, dtype=args.dtype,
-        deep_layer=args.layer, collision_requests=args.collision_requests,
+        deep_layer=args.layer, collision_requests=args.collision_requests, bootstrap_requests=args.bootstrap_requests,
+        kvcloak_dump=args.kvcloak_dump, ciphertext_requests=args.ciphertext_requests,
     )  # fmt: skip
     report = run(config, progress=not args.quiet)
+    report["config"]["command"] = "kvshield attack " + " ".join(argv)
+    previous = Path(args.out) / "attack.json"
+    if args.add and previous.exists():
+        from .report import merge
+
+        report = merge(json.loads(previous.read_text()), report)
     paths = write_report(report, args.out)
     print(paths["md"].read_text())
     print("\n".join(f"wrote {p}" for p in paths.values()), file=sys.stderr)

@@ -1,7 +1,8 @@
 """Attack 1, direct inversion: layer-0 K/V are functions of the token (and position) alone.
 
 V of every vocabulary token, and K of every vocabulary token at the observed
-position, follow from the public weights; the nearest one is the guess. Rotating
+position, follow from the public weights; the nearest one is the guess. Where the layout
+shuffles rows, the attacker's best guess of a row's position is its slot (slot_positions). Rotating
 every candidate to position m and comparing equals rotating the observed K back
 to position 0 (RoPE is orthogonal), which is what is done.
 
@@ -11,7 +12,7 @@ to position 0 (RoPE is orthogonal), which is what is done.
 import torch
 
 from .features import nearest
-from .observation import Observation
+from .observation import Observation, slot_positions
 from .public_model import PublicModel
 
 PARTS = ("k", "v")
@@ -30,5 +31,5 @@ class DirectInversion:
     def recover(self, obs: Observation) -> torch.Tensor:
         k, v = obs.at(0)  # [T, H_kv, d]
         if self.part == "k":
-            return nearest(self.public.unrotate(k, obs.positions).flatten(1), self.public.layer0_k.flatten(1))
+            return nearest(self.public.unrotate(k, slot_positions(obs)).flatten(1), self.public.layer0_k.flatten(1))
         return nearest(v.flatten(1), self.public.layer0_v.flatten(1))

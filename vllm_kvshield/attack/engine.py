@@ -2,7 +2,7 @@
 
     llm = open_engine(model, "mix", dtype="bfloat16")
     require_shield(llm, "mix")                          # raises if the worker's model is not shielded in that mode
-    obs = observe(llm, tokens, layers=(0, 15))          # K/V read from vLLM's cache tensors via the block table
+    obs = observe(llm, tokens, layers=(0, 15), layout=layout_of(llm, "mix"))   # K/V read via the block table
     k_rel, v_rel = plain_mismatch(public, obs, tokens)  # relative distance to plain layer-0 K/V
     close_engine(llm)
 
@@ -18,10 +18,11 @@ from vllm_kvshield.model import shield_status
 from vllm_kvshield.shield_status import ShieldStatus
 
 from . import kvcache
-from .observation import Observation
+from .observation import Layout, Observation
 from .public_model import PublicModel
 
 ENGINE_OPTIONS = dict(enforce_eager=True, kv_cache_memory_bytes=256 << 20, max_model_len=1024, seed=0)
+SHUFFLED_MODES = ("per-request",)  # the design: per-request keys, rows shuffled per (layer, KV head) in their blocks
 PLAIN_MATCH = 0.05  # relative L2 distance under which a cached layer-0 K/V counts as plain (bf16: ~0.005)
 
 
@@ -52,19 +53,30 @@ def require_shield(llm, mode: str) -> dict:
     return status
 
 
-def observe(llm, tokens: list[int], layers: tuple[int, ...]) -> Observation:
-    """Prefill `tokens` and read their K/V at `layers` from the engine's cache tensors."""
-    k, v = kvcache.prompt_kv(llm, tokens, list(layers))
+def layout_of(llm, mode: str) -> Layout:
+    """What the attacker knows of the layout: the engine's block size (public), and the mode's design."""
+    block_size = llm.llm_engine.vllm_config.cache_config.block_size
+    if mode in SHUFFLED_MODES:
+        return Layout(block_size, ordered=False, shared_key=False)
+    return Layout(block_size)
+
+
+def observe(llm, tokens: list[int], layers: tuple[int, ...], layout: Layout, cache_salt: str | None = None) -> Observation:
+    """Prefill `tokens` and read their K/V at `layers` from the engine's cache tensors, rows in block-table order.
+
+    cache_salt: the request's tenant (per-request mode: one key per salt; without one, a fresh key per request).
+    """
+    k, v = kvcache.prompt_kv(llm, tokens, list(layers), cache_salt)
     if k.shape[1] != len(tokens):
         raise RuntimeError(f"read {k.shape[1]} positions from the cache for a {len(tokens)}-token request")
-    return Observation(tuple(layers), k, v)
+    return Observation(tuple(layers), k, v, layout)
 
 
 def plain_mismatch(public: PublicModel, obs: Observation, tokens: list[int]) -> tuple[float, float]:
-    """Relative L2 distance of the cached layer-0 K and V to what plain vLLM caches for these tokens."""
+    """Relative L2 distance of the cached layer-0 K and V (rows as stored) to what plain vLLM caches for these tokens."""
     ids = torch.tensor(tokens)
     k, v = obs.at(0)
-    plain_k = public.rotate(public.layer0_k[ids], obs.positions)
+    plain_k = public.rotate(public.layer0_k[ids], torch.arange(len(tokens)))
     plain_v = public.layer0_v[ids]
     return float((k - plain_k).norm() / plain_k.norm()), float((v - plain_v).norm() / plain_v.norm())
 
@@ -77,3 +89,16 @@ def require_cache_state(mode: str, mismatch: tuple[float, float]) -> None:
         raise ShieldStateError(f"kvshield attack: plain engine's cache differs from plain K/V (relative K {k_rel:.3g}, V {v_rel:.3g}): decoder or model mismatch")
     if mode != "none" and (k_rel < PLAIN_MATCH or v_rel < PLAIN_MATCH):
         raise ShieldStateError(f"kvshield attack: mode {mode!r} caches plain K or V (relative K {k_rel:.3g}, V {v_rel:.3g}): the shield is off")
+
+
+def _worker_fingerprint(model) -> str | None:
+    """Runs in the worker: the key fingerprint its enclave reports (a hash, never key material)."""
+    from vllm_kvshield import enclave
+
+    handle = getattr(model, "enclave_handle", None)
+    return None if handle is None else enclave.call(handle, "info")["fingerprint"]
+
+
+def key_fingerprint(llm) -> str | None:
+    """The fingerprint of the key an engine's shield uses (None for plain vLLM)."""
+    return llm.apply_model(_worker_fingerprint)[0]

@@ -137,10 +137,12 @@ class KnownPlaintext:
         self.last_fits: dict[str, PartFit] = {}  # per part, the fits of the last recover (for reports)
 
     def recover(self, obs: Observation) -> torch.Tensor:
-        n = len(obs.known)
+        positions = obs.positions  # refuses a shuffled layout: this attack reads the first n rows as positions 0..n-1
+        prefix = obs.known_prefix
+        n = len(prefix)
         if not 0 < n < obs.length:
             raise ValueError(f"known-plaintext needs 0 < known tokens < {obs.length}, got {n}")
-        known = torch.tensor(obs.known)
+        known = torch.tensor(prefix)
         k, v = obs.at(0)
         plain_k = self.public.rotate(self.public.layer0_k[known], torch.arange(n))  # [n, H, d]
         plain_v = self.public.layer0_v[known]
@@ -152,7 +154,7 @@ class KnownPlaintext:
             scale = table.pow(2).sum((1, 2)).mean().sqrt()  # weigh K and V alike
             estimate = self.last_fits[part].apply(k if part == "k" else v)
             if part == "k":
-                estimate = self.public.unrotate(estimate, obs.positions)
+                estimate = self.public.unrotate(estimate, positions)
             features.append(estimate.flatten(1) / scale)
             tables.append(table.flatten(1) / scale)
         guesses = nearest(torch.cat(features, 1), torch.cat(tables, 1))

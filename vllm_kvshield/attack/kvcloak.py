@@ -30,7 +30,7 @@ import torch
 
 from .features import distances_any_head_order, nearest_cosine, pair_norms, sorted_values
 from .llama_forward import LlamaForward
-from .observation import NO_GUESS, Observation
+from .observation import NO_GUESS, Observation, slot_positions
 from .public_model import PublicModel
 
 FEATURES = ("raw", "invariant")
@@ -60,7 +60,7 @@ class KVCloakInversion:
 
     def recover(self, obs: Observation) -> torch.Tensor:
         k, v = obs.at(0)
-        kv = torch.cat((self.public.unrotate(k, obs.positions).flatten(1), v.flatten(1)), dim=1)  # [T, 2 H_kv d]
+        kv = torch.cat((self.public.unrotate(k, slot_positions(obs)).flatten(1), v.flatten(1)), dim=1)  # [T, 2 H_kv d]
         pinv, candidates = self._solver
         return nearest_cosine(kv @ pinv.T, candidates)
 
@@ -110,15 +110,16 @@ class KVCloakCollision:
 
     def recover(self, obs: Observation) -> torch.Tensor:
         """Guesses after the known prefix (the public chat header); NO_GUESS once the search gives up."""
-        if not obs.known:
-            raise ValueError("the collision attack starts from a known prefix (the public chat header); obs.known is empty")
+        known = obs.known_prefix
+        if not known:
+            raise ValueError("the collision attack starts from a known prefix (the public chat header); obs.known has none")
         k, v = obs.at(self.layer)
         target = collision_feature(k, v, self.features)  # [T, H', F]
         guesses = torch.full((obs.length,), NO_GUESS, dtype=torch.long)
-        guesses[: len(obs.known)] = torch.tensor(obs.known)
-        state = self.forward.prefill(list(obs.known))
+        guesses[: len(known)] = torch.tensor(known)
+        state = self.forward.prefill(known)
         misses = 0
-        for t in range(len(obs.known), obs.length):
+        for t in range(len(known), obs.length):
             ranked = state.logits.topk(sum(self.shortlist)).indices
             tried, dists, start = [], [], 0
             for size in self.shortlist:

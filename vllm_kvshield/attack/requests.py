@@ -55,3 +55,19 @@ def conversations(tokenizer, prompts: list[str], min_tokens: int) -> list[Reques
             out.append(req)
             turns = []
     return out
+
+
+ATTACKER_WORDS = 80  # words per request the attacker writes
+
+
+def attacker_requests(tokenizer, count: int) -> list[Request]:
+    """The chosen-plaintext attacker's own requests: public text it wrote (Alice in Wonderland, from chapter II),
+    ATTACKER_WORDS words each, in the chat template. It knows every token of them."""
+    from vllm_kvshield import data
+
+    text = data.text("alice")
+    words = text[text.index("CHAPTER II") :].split()
+    chunks = [" ".join(words[i * ATTACKER_WORDS : (i + 1) * ATTACKER_WORDS]) for i in range(count)]
+    if len(chunks[-1].split()) < ATTACKER_WORDS:
+        raise ValueError(f"the public text holds fewer than {count} requests of {ATTACKER_WORDS} words")
+    return [chat_request(tokenizer, [c]) for c in chunks]
