@@ -84,3 +84,13 @@ def engines(model_path):
     pool = Engines(model_path)
     yield pool
     pool.close()
+
+
+def pytest_collection_modifyitems(items):
+    """The bf16 perplexity tests run right after the attack claims, which start the same bf16 engine per mode:
+    the pool still holds them (five engine starts saved)."""
+    moved = [i for i in items if i.nodeid.startswith("tests/test_model.py::test_bf16_perplexity")]
+    rest = [i for i in items if i not in moved]
+    claims = [n for n, i in enumerate(rest) if i.nodeid.startswith("tests/attack/test_attack_claims.py::")]
+    if moved and claims:
+        items[:] = rest[: claims[-1] + 1] + moved + rest[claims[-1] + 1 :]
