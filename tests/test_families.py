@@ -1,9 +1,9 @@
-"""families.py alone: which checkpoint settings each family refuses, by name, before vLLM starts."""
+"""families.py and config.check_model_settings: which checkpoint settings each family refuses, by name, before vLLM starts."""
 
 import pytest
 
-from vllm_kvshield.config import ShieldConfigError
-from vllm_kvshield.families import FAMILIES, FAMILIES_BY_CLASS, check_model_settings, head_dim, sliding_window
+from vllm_kvshield.config import ShieldConfigError, check_model_settings
+from vllm_kvshield.families import FAMILIES, FAMILIES_BY_CLASS, head_dim, sliding_window
 
 BASE = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
 

@@ -11,6 +11,7 @@ import pytest
 
 from vllm_kvshield import launch
 from vllm_kvshield.config import DEFAULT_MODE, ShieldConfigError
+from vllm_kvshield.families import FAMILIES_BY_CLASS
 from vllm_kvshield.keys import write_key_file
 from vllm_kvshield.launch import (
     BLOCK_ALIGN,
@@ -131,12 +132,12 @@ def test_kv_bytes_per_token_counts_k_and_v_of_every_layer(hf_config):
 
 
 def test_check_model_accepts_llama_and_refuses_others(hf_config):
-    accepted = ["LlamaForCausalLM", "KVShieldLlamaForCausalLM"]
+    accepted = {name: FAMILIES_BY_CLASS["LlamaForCausalLM"] for name in ("LlamaForCausalLM", "KVShieldLlamaForCausalLM")}
     check_model("m", hf_config, {}, None, accepted)
     with pytest.raises(LaunchError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
         check_model("m", {**hf_config, "architectures": ["GPT2LMHeadModel"]}, {}, None, accepted)
-    with pytest.raises(LaunchError, match="Qwen2ForCausalLM"):
-        check_model("m", hf_config, {"architectures": ["Qwen2ForCausalLM"]}, None, accepted)
+    with pytest.raises(LaunchError, match="Phi3ForCausalLM"):
+        check_model("m", hf_config, {"architectures": ["Phi3ForCausalLM"]}, None, accepted)
     with pytest.raises(LaunchError, match=r"quantized \(awq\)"):
         check_model("m", {**hf_config, "quantization_config": {"quant_method": "awq"}}, {}, None, accepted)
     with pytest.raises(LaunchError, match=r"quantized \(fp8\)"):

@@ -5,6 +5,7 @@
 
 from dataclasses import dataclass, fields
 
+from .families import Family, head_dim, rope_parameters
 from .transforms import MODES
 
 CONFIG_KEY = "kvshield"
@@ -17,6 +18,10 @@ COMPARED_MODES = (PLAIN_MODE, *MODES)
 SUPPORTED_LOAD_FORMATS = ("auto", "hf", "safetensors", "pt", "npcache", "fastsafetensors")
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 SUPPORTED_MODEL_IMPLS = ("auto", "vllm")
+# get_rope's rope types whose module is a static per-position cos/sin table over every head dim
+# (model.SUPPORTED_ROPES: RotaryEmbedding and its linear, llama3, YaRN and dynamic-NTK
+# subclasses); the shield permutes and turns that table.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
 class ShieldConfigError(ValueError):
@@ -69,18 +74,19 @@ class ShieldConfig:
         return cls.from_dict(extra[CONFIG_KEY])
 
 
-def check_supported(vllm_config, architectures: list[str]) -> None:
+def check_supported(vllm_config, families: dict[str, Family]) -> None:
     """Refuse what the shield cannot protect, naming the value and the accepted ones.
 
-    architectures: the names the plugin registered its class under.
+    families: architecture name -> the family of the class the plugin registered under it.
     """
     model_config = vllm_config.model_config
     arch = model_config.architecture
-    if model_config.model_impl not in SUPPORTED_MODEL_IMPLS or arch not in architectures:
+    if model_config.model_impl not in SUPPORTED_MODEL_IMPLS or arch not in families:
         raise ShieldConfigError(
             f"kvshield: architecture {arch!r} (model_impl={model_config.model_impl!r}) is not supported; "
-            f"accepted: {', '.join(architectures)} with model_impl {' or '.join(SUPPORTED_MODEL_IMPLS)}"
+            f"accepted: {', '.join(sorted(families))} with model_impl {' or '.join(SUPPORTED_MODEL_IMPLS)}"
         )
+    check_model_settings(families[arch], model_config.hf_text_config.to_dict())
     if model_config.quantization is not None or vllm_config.quant_config is not None:
         raise ShieldConfigError(
             f"kvshield: quantized checkpoints are not supported (quantization={model_config.quantization!r}); "
@@ -135,7 +141,6 @@ def check_per_request(vllm_config) -> None:
             refuse(f"CPU attention ISA {isa!r}", f"its KV block layout is not the one the row shuffle moves; accepted: {', '.join(SHUFFLABLE_ISAS)}")
 
 
-
 def parse_modes(text: str, baseline: bool = False) -> tuple[str, ...]:
     """A comma-separated list of COMPARED_MODES: known ones, none twice, in COMPARED_MODES' order.
 
@@ -161,3 +166,41 @@ def additional_config(mode: str) -> dict:
     if mode not in COMPARED_MODES:
         raise ShieldConfigError(f"kvshield: unknown mode {mode!r}; accepted: {', '.join(COMPARED_MODES)}")
     return {} if mode == PLAIN_MODE else {CONFIG_KEY: {"mode": mode}}
+
+
+def check_model_settings(family: Family, hf: dict) -> None:
+    """Refuse, in one line naming the setting, what the family's shielded class cannot keep exact.
+
+    hf: the model's (text) config as a dict (config.json, or vLLM's hf_text_config.to_dict()).
+    """
+    rope = rope_parameters(hf)
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ShieldConfigError(
+            f"kvshield: rope_type {rope_type!r} is not supported (its rotary module is not a static cos/sin "
+            f"table the shield can permute); accepted: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    for setting, why in (
+        ("mrope_section", "multimodal rope rotates sections by separate positions"),
+        ("use_fope", "Fourier rope mixes rotary frequencies"),
+        ("alpha", "dynamic NTK-alpha rope recomputes its table"),
+    ):
+        if rope.get(setting):
+            raise ShieldConfigError(f"kvshield: rope setting {setting}={rope[setting]!r} is not supported ({why})")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    rope_dim = rope.get("rope_dim")
+    if partial != 1.0 or (rope_dim and rope_dim != head_dim(family, hf)):
+        setting = f"partial_rotary_factor={partial}" if partial != 1.0 else f"rope_dim={rope_dim}"
+        raise ShieldConfigError(
+            f"kvshield: partial rotary ({setting}) is not supported: the K transform treats every head dim "
+            "as half of a rotary pair"
+        )
+    if hf.get("dual_chunk_attention_config"):
+        raise ShieldConfigError(
+            "kvshield: dual_chunk_attention_config is not supported (dual-chunk attention rotates q and k "
+            "with tables of its own)"
+        )
+    if hf.get("qk_norm") and not family.qk_norm:
+        raise ShieldConfigError(
+            f"kvshield: {family.name} with qk_norm=true is not supported (only Qwen3's q/k norms are shielded and tested)"
+        )
