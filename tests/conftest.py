@@ -37,13 +37,18 @@ class Engines:
         self.model = model
         self._llms: dict = {}
 
+    @staticmethod
+    def _key(mode="none", dtype="float32", key_file=None, env: dict | None = None, model=None, **options) -> tuple:
+        env = env or {}
+        return (mode, dtype, key_file, model, tuple(sorted(env.items())), tuple(sorted(options.items())))
+
     def get(self, mode="none", dtype="float32", key_file=None, env: dict | None = None, model=None, **options):
         """mode "none": the plugin installed, no flag. Other modes: the flag with that mode.
 
         env: variables set while the engine's processes start (e.g. VLLM_PLUGINS).
         """
         env = env or {}
-        key = (mode, dtype, key_file, model, tuple(sorted(env.items())), tuple(sorted(options.items())))
+        key = self._key(mode, dtype, key_file, env, model, **options)
         if key in self._llms:
             self._llms[key] = self._llms.pop(key)  # most recently used last
         else:
@@ -68,6 +73,12 @@ class Engines:
                         os.environ[k] = v
         return self._llms[key]
 
+    def release(self, *args, **kwargs) -> None:
+        """Shut down the engine get(*args, **kwargs) returned, if it is alive (its caller has what it needs)."""
+        llm = self._llms.pop(self._key(*args, **kwargs), None)
+        if llm is not None:
+            self._shutdown(llm)
+
     @staticmethod
     def _shutdown(llm) -> None:
         llm.llm_engine.engine_core.shutdown()
@@ -83,3 +94,13 @@ def engines(model_path):
     pool = Engines(model_path)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def key_file(tmp_path_factory) -> tuple[str, bytes]:
+    """A key file (mode 0600) and its key: engines given it cache what the key predicts."""
+    path = tmp_path_factory.mktemp("keys") / "kvshield.key"
+    key = bytes(range(100, 132))
+    path.write_bytes(key)
+    path.chmod(0o600)
+    return str(path), key

@@ -50,30 +50,7 @@ def tp_rank(rank: int, size: int):
         yield
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """One layer's attention as vLLM's class for the checkpoint's family builds it."""
-
-    shape: transforms.AttentionShape
-    qkv_bias: bool
-    o_bias: bool
-
-
-def layer_spec(name: str) -> LayerSpec:
-    c, family = checkpoints.hf_config(name), checkpoints.family(name)
-    bias = getattr(c, "attention_bias", False)  # LlamaDecoderLayer's getattr: MistralConfig has none
-    head_dim = c.hidden_size // c.num_attention_heads if family == "qwen2" else c.head_dim  # vLLM's Qwen2 ignores head_dim
-    shape = transforms.AttentionShape(
-        c.num_attention_heads, c.num_key_value_heads, head_dim, c.hidden_size, qk_norm=family == "qwen3"
-    )
-    if family == "qwen2":  # Qwen2Attention: q/k/v biases always, none on o_proj
-        return LayerSpec(shape, qkv_bias=True, o_bias=False)
-    if family == "qwen3":  # Qwen3Attention: q/k/v biases with attention_bias, none on o_proj
-        return LayerSpec(shape, qkv_bias=bias, o_bias=False)
-    return LayerSpec(shape, qkv_bias=bias, o_bias=bias)  # Llama, Mistral
-
-
-def plain_tensors(spec: LayerSpec, seed: int) -> dict[str, torch.Tensor]:
+def plain_tensors(spec: checkpoints.LayerSpec, seed: int) -> dict[str, torch.Tensor]:
     """One layer's checkpoint attention tensors, scaled so attention scores are of order 1."""
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -98,7 +75,7 @@ class RankLayer:
     heads: torch.Tensor  # the KV heads this rank installs the runtime mix for (local_kv_heads)
 
 
-def load_rank(tensors: dict, spec: LayerSpec, rank: int, size: int) -> RankLayer:
+def load_rank(tensors: dict, spec: checkpoints.LayerSpec, rank: int, size: int) -> RankLayer:
     """The layer's q/k/v/o (and q/k norms) as one TP rank holds them after vLLM's weight loaders."""
     from vllm.model_executor.layers.layernorm import RMSNorm
     from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -154,7 +131,7 @@ def rank_forward(x, positions, layer: RankLayer, shape, cos_sin, mix, rank):
 
 def shard_cases():
     for name in checkpoints.CONFIGS:
-        shape = layer_spec(name).shape
+        shape = checkpoints.layer_spec(name).shape
         for size in (2, 4):
             kv_ok = shape.num_kv_heads % size == 0 or size % shape.num_kv_heads == 0
             if shape.num_heads % size == 0 and kv_ok:
@@ -177,7 +154,7 @@ def test_transform_then_shard_matches_plain_on_every_rank(name, size, mode):
     """Enclave on the full tensors, then vLLM's loaders per rank: every rank holds the key's heads, sum == plain."""
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
-    config, spec, layer = checkpoints.hf_config(name), layer_spec(name), 3
+    config, spec, layer = checkpoints.hf_config(name), checkpoints.layer_spec(name), 3
     shape = spec.shape
     d, hkv = shape.head_dim, shape.num_kv_heads
     plain = plain_tensors(spec, seed=size)

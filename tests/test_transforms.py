@@ -138,10 +138,7 @@ def test_cached_kv_predicted_from_key(config, mode):
     _, k, v = attention(x, w, shape, cache)
     _, k2, v2, _, _ = shielded(x, w, shape, cache, mode, layer=5)
 
-    lk = T.derive_layer_key(KEY, 5, shape, mode)
-    k_mat = lk.k_mat if lk.mix is None else lk.k_mat @ lk.mix
-    want_k = torch.einsum("thd,hde->the", k[:, lk.kv_heads].double(), k_mat).float()
-    want_v = torch.einsum("thd,hde->the", v[:, lk.kv_heads].double(), lk.v_mat).float()
+    want_k, want_v = T.predict_cached_kv(k, v, T.derive_layer_key(KEY, 5, shape, mode))
     torch.testing.assert_close(k2, want_k, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(v2, want_v, rtol=1e-4, atol=1e-5)
 

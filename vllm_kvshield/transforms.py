@@ -451,6 +451,17 @@ def request_material(seeds: list[bytes], layers, kv_heads, head_dim: int) -> tor
     return mats.unflatten(0, (len(seeds), len(layers), len(kv_heads))).transpose(2, 3).contiguous()
 
 
+def predict_cached_kv(k: torch.Tensor, v: torch.Tensor, lk: LayerKey) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached K', V' [T, H_kv, d] the key predicts from plain K (after RoPE) and V [T, H_kv, d].
+
+    k' = k[:, kv_heads] T_h (then M_h in mode "mix"), v' = v[:, kv_heads] A_h; fp64 math, input dtype out.
+    """
+    k_mat = lk.k_mat if lk.mix is None else lk.k_mat @ lk.mix
+    k_out = torch.einsum("thd,hde->the", k[:, lk.kv_heads].double(), k_mat)
+    v_out = torch.einsum("thd,hde->the", v[:, lk.kv_heads].double(), lk.v_mat)
+    return k_out.to(k.dtype), v_out.to(v.dtype)
+
+
 # --- the enclave's one call ------------------------------------------------------------------
 
 
