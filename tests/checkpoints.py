@@ -15,6 +15,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 
+from vllm_kvshield.hf_config import attention_shape
 from vllm_kvshield.transforms import AttentionShape
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -105,10 +106,7 @@ class LayerSpec:
 def layer_spec(name: str) -> LayerSpec:
     c = hf_config(name)
     bias = getattr(c, "attention_bias", False)  # LlamaDecoderLayer's getattr: MistralConfig has none
-    head_dim = c.hidden_size // c.num_attention_heads if family(name) == "qwen2" else c.head_dim  # vLLM's Qwen2 ignores head_dim
-    shape = AttentionShape(
-        c.num_attention_heads, c.num_key_value_heads, head_dim, c.hidden_size, qk_norm=family(name) == "qwen3"
-    )
+    shape = attention_shape(c.to_dict())
     if family(name) == "qwen2":  # Qwen2Attention: q/k/v biases always, none on o_proj
         return LayerSpec(shape, qkv_bias=True, o_bias=False)
     if family(name) == "qwen3":  # Qwen3Attention: q/k/v biases with attention_bias, none on o_proj

@@ -3,7 +3,8 @@
 import pytest
 
 from vllm_kvshield.config import ShieldConfigError, check_model_settings
-from vllm_kvshield.families import FAMILIES, FAMILIES_BY_CLASS, head_dim, sliding_window
+from vllm_kvshield.families import FAMILIES, FAMILIES_BY_CLASS, sliding_window
+from vllm_kvshield.hf_config import attention_shape, family_of
 
 BASE = {"hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64}
 
@@ -56,11 +57,16 @@ def test_qk_norm_only_where_the_family_has_it():
         check_model_settings(FAMILIES_BY_CLASS["Qwen2ForCausalLM"], {**BASE, "qk_norm": True})
 
 
-def test_head_dim_as_vllm_reads_it():
+def test_attention_shape_as_vllm_builds_it():
     qwen2, qwen3 = FAMILIES_BY_CLASS["Qwen2ForCausalLM"], FAMILIES_BY_CLASS["Qwen3ForCausalLM"]
     cfg = {**BASE, "head_dim": 128}
-    assert head_dim(qwen2, cfg) == 64 and head_dim(qwen3, cfg) == 128
+    assert attention_shape(cfg, qwen2).head_dim == 64 and attention_shape(cfg, qwen3).head_dim == 128
+    assert attention_shape(cfg, qwen3).qk_norm and not attention_shape(cfg, qwen2).qk_norm
     check_model_settings(qwen3, {**cfg, "rope_parameters": {"rope_dim": 128}})
+    for arch, family in (("Qwen2Model", "Qwen2"), ("Qwen3ForCausalLM", "Qwen3"), ("KVShieldQwen3ForCausalLM", "Qwen3"),
+                         ("MistralForCausalLM", "Mistral")):
+        model_type = {"Qwen2Model": "qwen2"}.get(arch)
+        assert family_of({"architectures": [arch], "model_type": model_type}).name == family, arch
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,9 @@ import checkpoints
 import pytest
 import torch
 
-from vllm_kvshield import data, kvcache, quality, transforms
+from vllm_kvshield import data, transforms
+from vllm_kvshield.attack import kvcache
+from vllm_kvshield.bench import quality
 from vllm_kvshield.model import shield_status
 
 # family -> checkpoint of tests/checkpoints.py

@@ -5,7 +5,8 @@
 
 from dataclasses import dataclass, fields
 
-from .families import Family, head_dim, rope_parameters
+from .families import Family, rope_parameters
+from .hf_config import attention_shape
 from .transforms import MODES
 
 CONFIG_KEY = "kvshield"
@@ -189,7 +190,7 @@ def check_model_settings(family: Family, hf: dict) -> None:
             raise ShieldConfigError(f"kvshield: rope setting {setting}={rope[setting]!r} is not supported ({why})")
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     rope_dim = rope.get("rope_dim")
-    if partial != 1.0 or (rope_dim and rope_dim != head_dim(family, hf)):
+    if partial != 1.0 or (rope_dim and rope_dim != attention_shape(hf, family).head_dim):
         setting = f"partial_rotary_factor={partial}" if partial != 1.0 else f"rope_dim={rope_dim}"
         raise ShieldConfigError(
             f"kvshield: partial rotary ({setting}) is not supported: the K transform treats every head dim "

@@ -4,7 +4,7 @@ A family is one of vLLM's model classes; the plugin registers a shielded subclas
 (`vllm_kvshield.model.KVShield<class>`) under every architecture name vLLM maps to that class.
 
     family = FAMILIES_BY_CLASS["Qwen3ForCausalLM"]       # Family(name='Qwen3', ..., qk_norm=True)
-    head_dim(family, config_json), sliding_window(config_json)
+    sliding_window(config_json)                          # None, or the window vLLM applies
 
 Pure: imports only the standard library.
 """
@@ -48,12 +48,6 @@ FAMILIES_BY_CLASS = {f.vllm_class: f for f in FAMILIES}
 def rope_parameters(hf: dict) -> dict:
     """The rope settings of a config dict: transformers 5's rope_parameters, or the older rope_scaling."""
     return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-
-
-def head_dim(family: Family, hf: dict) -> int:
-    """The head dim vLLM's class for the family uses (its Qwen2 ignores config.json's head_dim)."""
-    derived = hf["hidden_size"] // hf["num_attention_heads"]
-    return derived if family.name == "Qwen2" else hf.get("head_dim") or derived
 
 
 def sliding_window(hf: dict) -> int | None:

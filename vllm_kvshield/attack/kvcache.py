@@ -24,7 +24,7 @@ _records: list[tuple[torch.Tensor, int]] = []  # (block ids, sequence length) of
 
 
 def _attention_layers(model) -> list:
-    from .mixed_attention import vllm_attention
+    from ..mixed_attention import vllm_attention
 
     layers = model.model.layers[model.model.start_layer : model.model.end_layer]
     return [vllm_attention(layer.self_attn.attn) for layer in layers]
