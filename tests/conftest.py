@@ -40,7 +40,7 @@ class Engines:
     @staticmethod
     def _key(mode="none", dtype="float32", key_file=None, env: dict | None = None, model=None, **options) -> tuple:
         env = env or {}
-        return (mode, dtype, key_file, model, tuple(sorted(env.items())), tuple(sorted(options.items())))
+        return (mode, dtype, key_file, model, tuple(sorted(env.items())), repr(sorted(options.items())))  # values may be dicts
 
     def get(self, mode="none", dtype="float32", key_file=None, env: dict | None = None, model=None, **options):
         """mode "none": the plugin installed, no flag. Other modes: the flag with that mode.

@@ -1,4 +1,8 @@
-"""MixedAttention alone, in front of a stand-in for vLLM's Attention (causal GQA attention that records its k)."""
+"""MixedAttention alone, in front of a stand-in for vLLM's Attention (causal GQA attention that records its k).
+
+Mode "mix" here; its per-request maps (request_mix's ops) run in tests/test_per_request*.py and
+tests/test_model_families.py through the engine.
+"""
 
 import pytest
 import torch
@@ -37,7 +41,7 @@ def test_output_unchanged_and_k_mixed():
     plain = CausalAttention(SHAPE.num_heads, SHAPE.num_kv_heads, d)
     want = plain(q, k, v)
 
-    mixed = MixedAttention(CausalAttention(SHAPE.num_heads, SHAPE.num_kv_heads, d), SHAPE.num_kv_heads, d)
+    mixed = MixedAttention(CausalAttention(SHAPE.num_heads, SHAPE.num_kv_heads, d), SHAPE.num_kv_heads, d, static_mix=True)
     mixed.install(lk.mix.float(), lk.mix_q.float())
     got = mixed(q, k, v, output_shape=(t, SHAPE.num_heads * d))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -47,6 +51,9 @@ def test_output_unchanged_and_k_mixed():
 
 
 def test_install_refuses_a_wrong_shape():
-    mixed = MixedAttention(CausalAttention(6, 2, 32), 2, 32)
+    mixed = MixedAttention(CausalAttention(6, 2, 32), 2, 32, static_mix=True)
     with pytest.raises(ValueError, match=r"does not fit \(2, 32, 32\)"):
         mixed.install(torch.zeros(1, 32, 32), torch.zeros(1, 32, 32))
+    per_request_only = MixedAttention(CausalAttention(6, 2, 32), 2, 32, static_mix=False, request_layer=0)
+    with pytest.raises(ValueError, match="no static mix"):
+        per_request_only.install(torch.zeros(2, 32, 32), torch.zeros(2, 32, 32))

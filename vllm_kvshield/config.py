@@ -4,6 +4,7 @@
 """
 
 from dataclasses import dataclass, fields
+from typing import NoReturn
 
 from .families import Family, rope_parameters
 from .hf_config import attention_shape
@@ -110,14 +111,23 @@ def check_supported(vllm_config, families: dict[str, Family]) -> None:
         check_per_request(vllm_config)
 
 
+def refuse_per_request(what: str, why: str) -> NoReturn:
+    raise ShieldConfigError(f"kvshield: mode 'per-request' does not support {what}: {why}")
+
+
+def check_sliding_window(mode: str, window: int | None) -> None:
+    """Refuse mode per-request on a model whose attention has a sliding window (the window vLLM applies, or None)."""
+    if mode == "per-request" and window is not None:
+        refuse_per_request(f"sliding-window attention (sliding_window={window})", "the window masks rows by slot, and rows move inside their blocks")
+
+
 def check_per_request(vllm_config) -> None:
     """Refuse, by name, the vLLM features mode per-request cannot keep exact or cannot see."""
     from vllm.platforms import current_platform
 
     from .patches import key_ids as engine_patch
 
-    def refuse(what: str, why: str) -> None:
-        raise ShieldConfigError(f"kvshield: mode 'per-request' does not support {what}: {why}")
+    refuse = refuse_per_request
 
     if not current_platform.is_cpu():
         refuse(f"the {current_platform.device_name!r} platform", "its row shuffle knows only vLLM's CPU KV cache layout (run on CPU, or use mode 'mix')")
@@ -127,8 +137,7 @@ def check_per_request(vllm_config) -> None:
         refuse("vLLM's V2 model runner", "it does not report its batch to logits processors; set VLLM_USE_V2_MODEL_RUNNER=0")
     if vllm_config.model_config.runner_type != "generate":
         refuse(f"runner {vllm_config.model_config.runner_type!r}", "only generation requests get request keys")
-    if vllm_config.model_config.get_sliding_window() is not None:
-        refuse("sliding-window attention", "the window masks rows by slot, and rows move inside their blocks")
+    check_sliding_window("per-request", vllm_config.model_config.get_sliding_window())
     if engine_patch.missing():
         refuse(f"this vLLM's engine core", "EngineCore.preprocess_add_request, where requests get their key ids, is missing")
     block_size = vllm_config.cache_config.block_size

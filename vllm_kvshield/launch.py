@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import family_architectures, registered_families
-from .config import CONFIG_KEY, DEFAULT_MODE, ShieldConfig, ShieldConfigError, check_model_settings
-from .families import FAMILIES, Family
+from .config import CONFIG_KEY, DEFAULT_MODE, ShieldConfig, ShieldConfigError, check_model_settings, check_sliding_window
+from .families import FAMILIES, Family, sliding_window
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM moved its server argument parser; the first module that has it wins.
@@ -158,9 +158,12 @@ def shieldable_families(registry) -> dict[str, Family]:
     return {**families, **registered_families()}
 
 
-def check_model(model: str, hf_config: dict, hf_overrides, quantization: str | None, accepted: dict[str, Family]) -> None:
+def check_model(
+    model: str, hf_config: dict, hf_overrides, quantization: str | None, accepted: dict[str, Family], mode: str, window: bool = True
+) -> None:
     """Refuse a checkpoint the shield cannot protect: an architecture of no family it serves, a setting
-    its family cannot keep exact (config.check_model_settings), or quantized."""
+    its family cannot keep exact (config.check_model_settings), a sliding window in mode per-request,
+    or quantized. window: False when --disable-sliding-window turns the model's window off."""
     archs = hf_config.get("architectures") or []
     if isinstance(hf_overrides, dict) and hf_overrides.get("architectures"):
         archs = hf_overrides["architectures"]
@@ -173,6 +176,7 @@ def check_model(model: str, hf_config: dict, hf_overrides, quantization: str | N
         )
     for arch in archs:
         check_model_settings(accepted[arch], hf_config)
+    check_sliding_window(mode, sliding_window(hf_config) if window else None)
     quant = hf_config.get("quantization_config")
     if quant is not None or quantization is not None:
         method = quantization or (quant.get("quant_method") if isinstance(quant, dict) else quant)
@@ -330,7 +334,8 @@ def plan_serve(model: str | None, shortcuts: dict, vllm_args: list[str], env=os.
     if hf_config is not None:
         from vllm import ModelRegistry
 
-        check_model(model, hf_config, ns.hf_overrides, ns.quantization, shieldable_families(ModelRegistry))
+        families = shieldable_families(ModelRegistry)
+        check_model(model, hf_config, ns.hf_overrides, ns.quantization, families, shield.mode, window=not ns.disable_sliding_window)
 
     server_args = ["--model", model, *served_name, *strip_options(vllm_args, {"--model", "--additional-config"})]
     if ns.host is None:

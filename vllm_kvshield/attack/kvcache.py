@@ -78,11 +78,17 @@ def read_last_prompt(model, layers: list[int] | None = None) -> bytes:
     return buf.getvalue()
 
 
-def prompt_kv(llm, prompt_token_ids: list[int], layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill one prompt on a vllm.LLM and read its K, V [L, T, H_kv, d] back from the cache."""
+def prompt_kv(
+    llm, prompt_token_ids: list[int], layers: list[int] | None = None, cache_salt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill one prompt on a vllm.LLM and read its K, V [L, T, H_kv, d] back from the cache (in slot order).
+
+    cache_salt: vLLM's tenant salt of the request (mode per-request: the tenant's key).
+    """
     from vllm import SamplingParams, TokensPrompt
 
+    salt = {} if cache_salt is None else {"cache_salt": cache_salt}
     llm.apply_model(start_recording)
-    llm.generate([TokensPrompt(prompt_token_ids=prompt_token_ids)], SamplingParams(max_tokens=1), use_tqdm=False)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt_token_ids, **salt)], SamplingParams(max_tokens=1), use_tqdm=False)
     raw = llm.apply_model(functools.partial(read_last_prompt, layers=layers))[0]
     return torch.load(io.BytesIO(raw))
