@@ -25,6 +25,26 @@ def model_path() -> str:
     return str(prepare())
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def undo_in_process_engine(threads: int) -> None:
+    """What an engine core built in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) changes for the whole
+    process, undone: vLLM's environment variables cached (the next engine must read its own), the GC heap
+    frozen, torch's threads set to 1. A no-op after an engine in its own processes."""
+    import gc
+
+    import torch
+    from vllm import envs
+
+    envs.disable_envs_cache()
+    gc.unfreeze()
+    torch.set_num_threads(threads)
+
+
 class Engines:
     """vllm.LLM instances keyed by (mode, dtype, options), started on first use and kept for the session.
 
@@ -61,6 +81,7 @@ class Engines:
             extra = {} if mode == "none" else {"kvshield": shield}
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
+            threads = torch_threads()
             try:
                 self._llms[key] = LLM(
                     model or self.model, dtype=dtype, additional_config=extra, **{**ENGINE_DEFAULTS, **options}
@@ -71,6 +92,7 @@ class Engines:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
+                undo_in_process_engine(threads)
         return self._llms[key]
 
     def release(self, *args, **kwargs) -> None:

@@ -7,6 +7,10 @@ under a tenant's key, rows shuffled inside their block), and the worker's view o
 layers. The Mistral checkpoint has a sliding window of 32 tokens, shorter than every prompt
 here: the static modes run with it; per-request refuses it and runs on the same weights with
 the window off. (Llama: tests/test_model.py and tests/test_per_request.py on the real SmolLM2.)
+The plain engines' layer-0 blocks also prove `kvshield attack`'s public model and decoder on
+each family. Every engine runs in this process (vLLM's in-process engine core), started once:
+16 engines (12 shielded, 4 plain), every mode each family supports; none is a duplicate, since
+each family's static transform and each runtime map run through that family's own layers.
 
     python -m pytest tests/test_model_families.py -k Qwen3
 """
@@ -41,8 +45,11 @@ MAX_TOKENS = 16
 LAYERS = [0, 1]
 PRIVATE = "My name is Alice Smith, I live at 12 Elm Street, Springfield, and my card number is 4111 1111 1111 1111."
 LOGPROB_TOL = 1e-4
-# The engine runs in vLLM's engine-core process (no separate worker process): a start costs ~10 s less.
-ENGINE_OPTIONS = dict(distributed_executor_backend="uni")
+# Engine core and worker run in the test's own process (no process to start, no vLLM import to repeat):
+# a start costs seconds instead of ~20 s. The models are tiny: 32 MiB of KV cache holds 16k tokens.
+ENGINE_OPTIONS = dict(
+    distributed_executor_backend="uni", env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, kv_cache_memory_bytes=32 << 20
+)
 
 
 def worker_view(model) -> dict:
@@ -171,7 +178,7 @@ def test_per_request_blocks_hold_the_tenants_key_shuffled(runs, key_file, varian
     plain, shielded = runs.get(variant, "none"), runs.get(variant, "per-request")
     shape = checkpoints.layer_spec(checkpoint(variant)).shape
     seed = transforms.request_seed(key, transforms.tenant_key_id(SALT))
-    material = transforms.request_material(seed, LAYERS, range(shape.num_kv_heads), shape.head_dim).double()  # [L, 4, H, d, d]
+    material = transforms.request_material([seed], LAYERS, range(shape.num_kv_heads), shape.head_dim)[0].double()  # [L, 4, H, d, d]
     for i, layer in enumerate(LAYERS):
         lk = transforms.derive_layer_key(key, layer, shape, "per-request")
         for h in range(shape.num_kv_heads):
@@ -185,6 +192,28 @@ def test_per_request_blocks_hold_the_tenants_key_shuffled(runs, key_file, varian
             assert sorted(order.tolist()) == list(range(len(want))), f"layer {layer} head {h}: rows are not the request's"
             torch.testing.assert_close(seen, want[order], rtol=1e-3, atol=1e-3 * want.abs().max().item())
             assert (order != torch.arange(len(want))).sum() > len(want) // 2, f"layer {layer} head {h}: rows in position order"
+
+
+@pytest.mark.parametrize("variant", ["Qwen2", "Qwen3", "Mistral"])
+def test_attack_decoder_reads_plain_blocks(runs, variant):
+    """`kvshield attack`'s public model and layer-0 decoder on the family: the plain engine's cached layer-0
+    K/V are what the public checkpoint predicts, and direct inversion (K, V) and KV-Cloak's inversion read
+    >= 99% of the tokens back."""
+    from vllm_kvshield.attack import engine
+    from vllm_kvshield.attack.direct import DirectInversion
+    from vllm_kvshield.attack.kvcloak import KVCloakInversion
+    from vllm_kvshield.attack.observation import Observation
+    from vllm_kvshield.attack.public_model import PublicModel
+
+    public = PublicModel.load(runs.folders[checkpoint(variant)])
+    tokens = public.tokenizer.encode(PRIVATE)
+    run = runs.get(variant, "none")
+    obs = Observation(tuple(LAYERS), run.k, run.v)
+    k_rel, v_rel = engine.plain_mismatch(public, obs, tokens)
+    assert k_rel < engine.PLAIN_MATCH and v_rel < engine.PLAIN_MATCH, (k_rel, v_rel)
+    for attack in (DirectInversion(public, "k"), DirectInversion(public, "v"), KVCloakInversion(public)):
+        recovered = (attack.recover(obs) == torch.tensor(tokens)).float().mean().item()
+        assert recovered >= 0.99, f"{attack.name}: {recovered:.1%} of {len(tokens)} tokens"
 
 
 def test_mistral_window_is_in_effect(runs):
