@@ -25,6 +25,26 @@ def model_path() -> str:
     return str(prepare())
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def undo_in_process_engine(threads: int) -> None:
+    """What an engine core built in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) changes for the whole
+    process, undone: vLLM's environment variables cached (the next engine must read its own), the GC heap
+    frozen, torch's threads set to 1. A no-op after an engine in its own processes."""
+    import gc
+
+    import torch
+    from vllm import envs
+
+    envs.disable_envs_cache()
+    gc.unfreeze()
+    torch.set_num_threads(threads)
+
+
 class Engines:
     """vllm.LLM instances keyed by (mode, dtype, options), started on first use and kept for the session.
 
@@ -38,13 +58,18 @@ class Engines:
         self.model = model
         self._llms: dict = {}
 
+    @staticmethod
+    def _key(mode="none", dtype="float32", key_file=None, env: dict | None = None, model=None, **options) -> tuple:
+        env = env or {}
+        return (mode, dtype, key_file, model, tuple(sorted(env.items())), repr(sorted(options.items())))  # values may be dicts
+
     def get(self, mode="none", dtype="float32", key_file=None, env: dict | None = None, model=None, **options):
         """mode "none": the plugin installed, no flag. Other modes: the flag with that mode.
 
         env: variables set while the engine's processes start (e.g. VLLM_PLUGINS).
         """
         env = env or {}
-        key = (mode, dtype, key_file, model, tuple(sorted(env.items())), tuple(sorted(options.items())))
+        key = self._key(mode, dtype, key_file, env, model, **options)
         if key in self._llms:
             self._llms[key] = self._llms.pop(key)  # most recently used last
         else:
@@ -57,6 +82,7 @@ class Engines:
             extra = {} if mode == "none" else {"kvshield": shield}
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
+            threads = torch_threads()
             try:
                 self._llms[key] = LLM(
                     model or self.model, dtype=dtype, additional_config=extra, **{**ENGINE_DEFAULTS, **options}
@@ -67,7 +93,14 @@ class Engines:
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
+                undo_in_process_engine(threads)
         return self._llms[key]
+
+    def release(self, *args, **kwargs) -> None:
+        """Shut down the engine get(*args, **kwargs) returned, if it is alive (its caller has what it needs)."""
+        llm = self._llms.pop(self._key(*args, **kwargs), None)
+        if llm is not None:
+            self._shutdown(llm)
 
     @staticmethod
     def _shutdown(llm) -> None:
@@ -84,6 +117,16 @@ def engines(model_path):
     pool = Engines(model_path)
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def key_file(tmp_path_factory) -> tuple[str, bytes]:
+    """A key file (mode 0600) and its key: engines given it cache what the key predicts."""
+    path = tmp_path_factory.mktemp("keys") / "kvshield.key"
+    key = bytes(range(100, 132))
+    path.write_bytes(key)
+    path.chmod(0o600)
+    return str(path), key
 
 
 def pytest_collection_modifyitems(items):

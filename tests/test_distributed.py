@@ -1,7 +1,9 @@
 """The shield under tensor and pipeline parallelism.
 
 Unit (seconds): the enclave transforms full checkpoint tensors, then vLLM's own weight
-loaders (QKVParallelLinear / RowParallelLinear, at a faked TP rank) shard them. For every
+loaders (QKVParallelLinear / RowParallelLinear, and RMSNorm for Qwen3's q/k norms, at a
+faked TP rank) shard them, for every checkpoint shape of tests/checkpoints.py (Llama,
+Qwen2, Qwen3, Mistral). For every
 rank, the shard it loads is the transform's output for the heads vLLM gives that rank,
 the runtime-mix material it installs (local_kv_heads) belongs to the KV heads it holds,
 the K/V it would cache are plain K/V under the key, and the ranks' partial outputs sum
@@ -31,6 +33,7 @@ from vllm_kvshield import data, transforms
 from vllm_kvshield.bench import quality
 
 KEY = bytes(range(7, 39))
+NORM_EPS = 1e-6
 
 
 # --- transform-then-shard against vLLM's loaders ---------------------------------------------
@@ -47,52 +50,72 @@ def tp_rank(rank: int, size: int):
         yield
 
 
-def attention_shape(name: str) -> transforms.AttentionShape:
-    c = checkpoints.llama_config(name)
-    return transforms.AttentionShape(c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size)
-
-
-def plain_tensors(shape: transforms.AttentionShape, bias: bool, seed: int) -> dict[str, torch.Tensor]:
+def plain_tensors(spec: checkpoints.LayerSpec, seed: int) -> dict[str, torch.Tensor]:
     """One layer's checkpoint attention tensors, scaled so attention scores are of order 1."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for name, dims in transforms.expected_shapes(shape).items():
-        if name.endswith(".bias") and not bias:
+    for name, dims in transforms.expected_shapes(spec.shape).items():
+        if name.endswith(".bias") and not (spec.o_bias if name.startswith("o_proj") else spec.qkv_bias):
+            continue
+        if name in transforms.QK_NORM_WEIGHTS:  # log-normal, different per dim
+            out[name] = torch.exp(0.5 * torch.randn(dims, generator=g))
             continue
         std = 0.5 if name.endswith(".bias") else dims[-1] ** -0.5
         out[name] = torch.randn(dims, generator=g) * std
     return out
 
 
-def load_rank(tensors: dict, shape: transforms.AttentionShape, bias: bool, rank: int, size: int):
-    """The layer's q/k/v/o as one TP rank holds them after vLLM's weight loaders, and the KV heads it installs mix for."""
+@dataclass
+class RankLayer:
+    """One TP rank's attention modules, loaded by vLLM's own weight loaders."""
+
+    qkv: torch.nn.Module  # QKVParallelLinear
+    o: torch.nn.Module  # RowParallelLinear
+    norms: dict[str, torch.nn.Module]  # q_norm, k_norm (vLLM's RMSNorm, replicated) with a q/k norm
+    heads: torch.Tensor  # the KV heads this rank installs the runtime mix for (local_kv_heads)
+
+
+def load_rank(tensors: dict, spec: checkpoints.LayerSpec, rank: int, size: int) -> RankLayer:
+    """The layer's q/k/v/o (and q/k norms) as one TP rank holds them after vLLM's weight loaders."""
+    from vllm.model_executor.layers.layernorm import RMSNorm
     from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
     from vllm_kvshield.model import local_kv_heads
 
+    shape = spec.shape
     d, hq, hkv, hidden = shape.head_dim, shape.num_heads, shape.num_kv_heads, shape.hidden_size
     with tp_rank(rank, size):
-        qkv = QKVParallelLinear(hidden, d, hq, hkv, bias=bias, params_dtype=torch.float32)
-        o = RowParallelLinear(hq * d, hidden, bias=bias, params_dtype=torch.float32)
+        qkv = QKVParallelLinear(hidden, d, hq, hkv, bias=spec.qkv_bias, params_dtype=torch.float32)
+        o = RowParallelLinear(hq * d, hidden, bias=spec.o_bias, params_dtype=torch.float32)
+        norms = {n: RMSNorm(d, eps=NORM_EPS) for n in ("q_norm", "k_norm")} if shape.qk_norm else {}
         for name, t in tensors.items():
-            proj, kind = name.split(".")
-            param = getattr(o if proj == "o_proj" else qkv, kind)
-            if proj == "o_proj":
+            module, kind = name.split(".")
+            if module in norms:
+                param = norms[module].weight
+                getattr(param, "weight_loader", default_weight_loader)(param, t)
+                continue
+            param = getattr(o if module == "o_proj" else qkv, kind)
+            if module == "o_proj":
                 param.weight_loader(param, t)
             else:
-                param.weight_loader(param, t, STACKED[proj])
+                param.weight_loader(param, t, STACKED[module])
         heads = local_kv_heads(hkv)
-    return qkv, o, heads
+    return RankLayer(qkv, o, norms, heads)
 
 
-def rank_forward(x, positions, qkv, o, shape, cos_sin, mix, rank):
+def rank_forward(x, positions, layer: RankLayer, shape, cos_sin, mix, rank):
     """One rank's attention: partial output [T, D] (summed over ranks by the all-reduce) and its cached K, V [T, h, d]."""
     from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
 
+    qkv, o = layer.qkv, layer.o
     d, t = shape.head_dim, x.shape[0]
     hq, hkv = qkv.num_heads, qkv.num_kv_heads
     out = x @ qkv.weight.data.T + (0.0 if qkv.bias is None else qkv.bias.data)
     q, k, v = out.split([hq * d, hkv * d, hkv * d], dim=-1)
+    if layer.norms:  # as Qwen3Attention.forward: per head, before RoPE
+        q = layer.norms["q_norm"].forward_native(q.reshape(t, hq, d)).reshape(t, hq * d)
+        k = layer.norms["k_norm"].forward_native(k.reshape(t, hkv, d)).reshape(t, hkv * d)
     q, k = RotaryEmbedding.forward_static(positions, q, k, d, d, cos_sin, shape.neox)
     if mix is not None:
         q, k = transforms.mix_qk(q, k, *mix)
@@ -108,7 +131,7 @@ def rank_forward(x, positions, qkv, o, shape, cos_sin, mix, rank):
 
 def shard_cases():
     for name in checkpoints.CONFIGS:
-        shape = attention_shape(name)
+        shape = checkpoints.layer_spec(name).shape
         for size in (2, 4):
             kv_ok = shape.num_kv_heads % size == 0 or size % shape.num_kv_heads == 0
             if shape.num_heads % size == 0 and kv_ok:
@@ -131,10 +154,10 @@ def test_transform_then_shard_matches_plain_on_every_rank(name, size, mode):
     """Enclave on the full tensors, then vLLM's loaders per rank: every rank holds the key's heads, sum == plain."""
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
-    config = checkpoints.llama_config(name)
-    shape, bias, layer = attention_shape(name), config.attention_bias, 3
+    config, spec, layer = checkpoints.hf_config(name), checkpoints.layer_spec(name), 3
+    shape = spec.shape
     d, hkv = shape.head_dim, shape.num_kv_heads
-    plain = plain_tensors(shape, bias, seed=size)
+    plain = plain_tensors(spec, seed=size)
     shielded, material = transforms.shield_layer(KEY, layer, shape, mode, plain, torch.float32)
     lk = transforms.derive_layer_key(KEY, layer, shape, mode)
 
@@ -143,21 +166,23 @@ def test_transform_then_shard_matches_plain_on_every_rank(name, size, mode):
     positions = torch.arange(t)
     rope = get_rope(d, 64, is_neox_style=True, rope_parameters=config.rope_parameters, dtype=torch.float32)
     table = rope.cos_sin_cache
-    qkv, o, _ = load_rank(plain, shape, bias, rank=0, size=1)
-    want, k_plain, v_plain = rank_forward(x, positions, qkv, o, shape, table, None, rank=0)
+    want, k_plain, v_plain = rank_forward(x, positions, load_rank(plain, spec, 0, 1), shape, table, None, rank=0)
 
-    permuted = transforms.permute_rotary_cache(table, material.pairs)
+    shielded_table = transforms.shielded_rotary_cache(table, material)
     total = torch.zeros_like(want)
     q_rows = shape.num_heads // size * d
     for rank in range(size):
-        qkv, o, heads = load_rank(shielded, shape, bias, rank, size)
+        loaded = load_rank(shielded, spec, rank, size)
+        qkv, o, heads = loaded.qkv, loaded.o, loaded.heads
         # the shard vLLM gives this rank is the enclave's output for the new heads local_kv_heads names
         k_full = shielded["k_proj.weight"].view(hkv, d, -1)
         assert torch.equal(qkv.weight.data[q_rows : q_rows + len(heads) * d], k_full[heads].reshape(-1, shape.hidden_size))
         assert torch.equal(qkv.weight.data[:q_rows], shielded["q_proj.weight"][rank * q_rows : (rank + 1) * q_rows])
         assert torch.equal(o.weight.data, shielded["o_proj.weight"][:, rank * q_rows : (rank + 1) * q_rows])
+        for norm, module in loaded.norms.items():  # replicated: every rank holds the enclave's whole vector
+            assert torch.equal(module.weight.data, shielded[f"{norm}.weight"])
         mix = None if material.mix is None else (material.mix[heads], material.mix_q[heads])
-        partial, k_cached, v_cached = rank_forward(x, positions, qkv, o, shape, permuted, mix, rank)
+        partial, k_cached, v_cached = rank_forward(x, positions, loaded, shape, shielded_table, mix, rank)
         total += partial
         # what this rank caches is plain K/V of the original heads behind its new heads, under the key
         k_mat = lk.k_mat if lk.mix is None else lk.k_mat @ lk.mix

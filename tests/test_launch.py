@@ -11,6 +11,7 @@ import pytest
 
 from vllm_kvshield import launch
 from vllm_kvshield.config import DEFAULT_MODE, ShieldConfigError
+from vllm_kvshield.families import FAMILIES_BY_CLASS
 from vllm_kvshield.keys import write_key_file
 from vllm_kvshield.launch import (
     BLOCK_ALIGN,
@@ -131,16 +132,28 @@ def test_kv_bytes_per_token_counts_k_and_v_of_every_layer(hf_config):
 
 
 def test_check_model_accepts_llama_and_refuses_others(hf_config):
-    accepted = ["LlamaForCausalLM", "KVShieldLlamaForCausalLM"]
-    check_model("m", hf_config, {}, None, accepted)
+    accepted = {name: FAMILIES_BY_CLASS["LlamaForCausalLM"] for name in ("LlamaForCausalLM", "KVShieldLlamaForCausalLM")}
+    check_model("m", hf_config, {}, None, accepted, "mix")
     with pytest.raises(LaunchError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
-        check_model("m", {**hf_config, "architectures": ["GPT2LMHeadModel"]}, {}, None, accepted)
-    with pytest.raises(LaunchError, match="Qwen2ForCausalLM"):
-        check_model("m", hf_config, {"architectures": ["Qwen2ForCausalLM"]}, None, accepted)
+        check_model("m", {**hf_config, "architectures": ["GPT2LMHeadModel"]}, {}, None, accepted, "mix")
+    with pytest.raises(LaunchError, match="Phi3ForCausalLM"):
+        check_model("m", hf_config, {"architectures": ["Phi3ForCausalLM"]}, None, accepted, "mix")
     with pytest.raises(LaunchError, match=r"quantized \(awq\)"):
-        check_model("m", {**hf_config, "quantization_config": {"quant_method": "awq"}}, {}, None, accepted)
+        check_model("m", {**hf_config, "quantization_config": {"quant_method": "awq"}}, {}, None, accepted, "mix")
     with pytest.raises(LaunchError, match=r"quantized \(fp8\)"):
-        check_model("m", hf_config, {}, "fp8", accepted)
+        check_model("m", hf_config, {}, "fp8", accepted, "mix")
+
+
+def test_check_model_refuses_a_window_in_per_request_only(hf_config):
+    """Mode per-request moves rows inside their blocks, which a sliding window's slot mask cannot follow."""
+    accepted = {"LlamaForCausalLM": FAMILIES_BY_CLASS["LlamaForCausalLM"]}
+    windowed = {**hf_config, "sliding_window": 4096}
+    for mode in ("permute", "mix-v", "mix"):
+        check_model("m", windowed, {}, None, accepted, mode)
+    check_model("m", windowed, {}, None, accepted, "per-request", window=False)  # --disable-sliding-window
+    check_model("m", {**windowed, "use_sliding_window": False}, {}, None, accepted, "per-request")  # Qwen2.5's config.json
+    with pytest.raises(ShieldConfigError, match=r"^kvshield: mode 'per-request' does not support sliding-window attention \(sliding_window=4096\)"):
+        check_model("m", windowed, {}, None, accepted, "per-request")
 
 
 def test_server_urls_poll_loopback_for_wildcard_hosts():

@@ -40,15 +40,6 @@ def predicted_kv(k_plain, v_plain, key: bytes, layer: int, mode: str):
     return k.to(k_plain.dtype), v.to(v_plain.dtype)
 
 
-@pytest.fixture(scope="session")
-def key_file(tmp_path_factory) -> tuple[str, bytes]:
-    path = tmp_path_factory.mktemp("keys") / "kvshield.key"
-    key = bytes(range(100, 132))
-    path.write_bytes(key)
-    path.chmod(0o600)
-    return str(path), key
-
-
 def test_flag_turns_the_shield_on(engines):
     st = status(engines.get("permute"))
     assert st == {"model_class": "KVShieldLlamaForCausalLM", "enabled": True, "mode": "permute", "layers_shielded": 30}
@@ -152,14 +143,14 @@ def test_inert_without_flag(engines):
 
 
 @pytest.fixture(scope="session")
-def qwen2_folder(tmp_path_factory, model_path) -> str:
-    """A non-Llama model folder: config only (the refusal comes before any weight is read)."""
+def phi3_folder(tmp_path_factory, model_path) -> str:
+    """A model folder of a family the shield does not serve: config only (the refusal comes before any weight is read)."""
     import json
     import shutil
 
-    folder = tmp_path_factory.mktemp("qwen2")
+    folder = tmp_path_factory.mktemp("phi3")
     config = json.load(open(os.path.join(model_path, "config.json")))
-    config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    config.update(architectures=["Phi3ForCausalLM"], model_type="phi3")
     json.dump(config, open(folder / "config.json", "w"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(os.path.join(model_path, name), folder / name)
@@ -174,9 +165,10 @@ def refusal(model: str, **kwargs) -> str:
     return str(err.value)
 
 
-def test_refuses_non_llama_architecture(qwen2_folder):
-    msg = refusal(qwen2_folder, additional_config={"kvshield": {"mode": "permute"}})
-    assert "kvshield: architecture 'Qwen2ForCausalLM'" in msg and "accepted: " in msg and "LlamaForCausalLM" in msg
+def test_refuses_unserved_architecture(phi3_folder):
+    msg = refusal(phi3_folder, additional_config={"kvshield": {"mode": "permute"}})
+    assert "kvshield: architecture 'Phi3ForCausalLM'" in msg and "accepted: " in msg
+    assert all(name in msg for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"))
 
 
 def test_refuses_quantized(model_path):

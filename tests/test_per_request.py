@@ -201,7 +201,9 @@ def test_refusals_name_the_feature(model_path):
 
 
 def attention_isa(model) -> str:
-    return model.model.layers[0].self_attn.attn.isa
+    from vllm_kvshield.mixed_attention import vllm_attention
+
+    return vllm_attention(model.model.layers[0].self_attn.attn).isa
 
 
 def test_shuffled_isas_are_what_the_engine_uses(per_request):

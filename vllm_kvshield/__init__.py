@@ -1,12 +1,10 @@
-"""vllm-kvshield: a vLLM plugin that keeps a Llama model's KV cache unreadable without the key.
+"""vllm-kvshield: a vLLM plugin that keeps a model's KV cache unreadable without the key (Llama, Qwen2, Qwen3, Mistral).
 
     python -m vllm.entrypoints.openai.api_server --model PATH \\
         --additional-config '{"kvshield": {"mode": "mix"}}'
 """
 
-LLAMA_CLASS = ("vllm.model_executor.models.llama", "LlamaForCausalLM")
-SHIELDED_CLASS = ("vllm_kvshield.model", "KVShieldLlamaForCausalLM")
-EXPLICIT_ARCH = "KVShieldLlamaForCausalLM"
+from .families import FAMILIES, Family
 
 
 def _architectures_of(registry, module_and_class: tuple[str, str]) -> list[str]:
@@ -18,26 +16,27 @@ def _architectures_of(registry, module_and_class: tuple[str, str]) -> list[str]:
     )
 
 
-def llama_architectures(registry) -> list[str]:
-    """Every architecture name vLLM resolves to its LlamaForCausalLM (aliases included)."""
-    return _architectures_of(registry, LLAMA_CLASS)
+def family_architectures(registry, family: Family) -> list[str]:
+    """Every architecture name vLLM resolves to the family's class (aliases included), and the shielded class's own name."""
+    return sorted(set(_architectures_of(registry, family.vllm_entry)) | {family.shielded_class})
 
 
-def registered_architectures() -> list[str]:
-    """The architecture names the plugin serves shielded."""
+def registered_families() -> dict[str, Family]:
+    """Architecture name -> family, for the names the plugin serves shielded."""
     from vllm import ModelRegistry
 
-    return _architectures_of(ModelRegistry, SHIELDED_CLASS)
+    return {arch: f for f in FAMILIES for arch in _architectures_of(ModelRegistry, f.shielded_entry)}
 
 
 def register() -> None:
-    """vllm.general_plugins entry point: the shielded class under every Llama name, the config check, and
-    (mode per-request) the engine core's key ids."""
+    """vllm.general_plugins entry point: each shielded class under every name of its family, the config check,
+    and (mode per-request) the engine core's key ids."""
     from vllm import ModelRegistry
 
     from .patches import key_ids, verify_config
 
-    for arch in llama_architectures(ModelRegistry) + [EXPLICIT_ARCH]:
-        ModelRegistry.register_model(arch, ":".join(SHIELDED_CLASS))
+    for family in FAMILIES:
+        for arch in family_architectures(ModelRegistry, family):
+            ModelRegistry.register_model(arch, ":".join(family.shielded_entry))
     verify_config.install()
     key_ids.install()

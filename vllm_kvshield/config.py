@@ -4,7 +4,10 @@
 """
 
 from dataclasses import dataclass, fields
+from typing import NoReturn
 
+from .families import Family, rope_parameters
+from .hf_config import attention_shape
 from .transforms import MODES
 
 CONFIG_KEY = "kvshield"
@@ -17,6 +20,10 @@ COMPARED_MODES = (PLAIN_MODE, *MODES)
 SUPPORTED_LOAD_FORMATS = ("auto", "hf", "safetensors", "pt", "npcache", "fastsafetensors")
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 SUPPORTED_MODEL_IMPLS = ("auto", "vllm")
+# get_rope's rope types whose module is a static per-position cos/sin table over every head dim
+# (model.SUPPORTED_ROPES: RotaryEmbedding and its linear, llama3, YaRN and dynamic-NTK
+# subclasses); the shield permutes and turns that table.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
 class ShieldConfigError(ValueError):
@@ -69,18 +76,19 @@ class ShieldConfig:
         return cls.from_dict(extra[CONFIG_KEY])
 
 
-def check_supported(vllm_config, architectures: list[str]) -> None:
+def check_supported(vllm_config, families: dict[str, Family]) -> None:
     """Refuse what the shield cannot protect, naming the value and the accepted ones.
 
-    architectures: the names the plugin registered its class under.
+    families: architecture name -> the family of the class the plugin registered under it.
     """
     model_config = vllm_config.model_config
     arch = model_config.architecture
-    if model_config.model_impl not in SUPPORTED_MODEL_IMPLS or arch not in architectures:
+    if model_config.model_impl not in SUPPORTED_MODEL_IMPLS or arch not in families:
         raise ShieldConfigError(
             f"kvshield: architecture {arch!r} (model_impl={model_config.model_impl!r}) is not supported; "
-            f"accepted: {', '.join(architectures)} with model_impl {' or '.join(SUPPORTED_MODEL_IMPLS)}"
+            f"accepted: {', '.join(sorted(families))} with model_impl {' or '.join(SUPPORTED_MODEL_IMPLS)}"
         )
+    check_model_settings(families[arch], model_config.hf_text_config.to_dict())
     if model_config.quantization is not None or vllm_config.quant_config is not None:
         raise ShieldConfigError(
             f"kvshield: quantized checkpoints are not supported (quantization={model_config.quantization!r}); "
@@ -103,14 +111,23 @@ def check_supported(vllm_config, architectures: list[str]) -> None:
         check_per_request(vllm_config)
 
 
+def refuse_per_request(what: str, why: str) -> NoReturn:
+    raise ShieldConfigError(f"kvshield: mode 'per-request' does not support {what}: {why}")
+
+
+def check_sliding_window(mode: str, window: int | None) -> None:
+    """Refuse mode per-request on a model whose attention has a sliding window (the window vLLM applies, or None)."""
+    if mode == "per-request" and window is not None:
+        refuse_per_request(f"sliding-window attention (sliding_window={window})", "the window masks rows by slot, and rows move inside their blocks")
+
+
 def check_per_request(vllm_config) -> None:
     """Refuse, by name, the vLLM features mode per-request cannot keep exact or cannot see."""
     from vllm.platforms import current_platform
 
     from .patches import key_ids as engine_patch
 
-    def refuse(what: str, why: str) -> None:
-        raise ShieldConfigError(f"kvshield: mode 'per-request' does not support {what}: {why}")
+    refuse = refuse_per_request
 
     if not current_platform.is_cpu():
         refuse(f"the {current_platform.device_name!r} platform", "its row shuffle knows only vLLM's CPU KV cache layout (run on CPU, or use mode 'mix')")
@@ -120,8 +137,7 @@ def check_per_request(vllm_config) -> None:
         refuse("vLLM's V2 model runner", "it does not report its batch to logits processors; set VLLM_USE_V2_MODEL_RUNNER=0")
     if vllm_config.model_config.runner_type != "generate":
         refuse(f"runner {vllm_config.model_config.runner_type!r}", "only generation requests get request keys")
-    if vllm_config.model_config.get_sliding_window() is not None:
-        refuse("sliding-window attention", "the window masks rows by slot, and rows move inside their blocks")
+    check_sliding_window("per-request", vllm_config.model_config.get_sliding_window())
     if engine_patch.missing():
         refuse(f"this vLLM's engine core", "EngineCore.preprocess_add_request, where requests get their key ids, is missing")
     block_size = vllm_config.cache_config.block_size
@@ -133,7 +149,6 @@ def check_per_request(vllm_config) -> None:
         isa = _get_attn_isa(vllm_config.model_config.dtype, block_size, vllm_config.model_config.get_head_size(), "auto")
         if isa not in SHUFFLABLE_ISAS:
             refuse(f"CPU attention ISA {isa!r}", f"its KV block layout is not the one the row shuffle moves; accepted: {', '.join(SHUFFLABLE_ISAS)}")
-
 
 
 def parse_modes(text: str, baseline: bool = False) -> tuple[str, ...]:
@@ -161,3 +176,41 @@ def additional_config(mode: str) -> dict:
     if mode not in COMPARED_MODES:
         raise ShieldConfigError(f"kvshield: unknown mode {mode!r}; accepted: {', '.join(COMPARED_MODES)}")
     return {} if mode == PLAIN_MODE else {CONFIG_KEY: {"mode": mode}}
+
+
+def check_model_settings(family: Family, hf: dict) -> None:
+    """Refuse, in one line naming the setting, what the family's shielded class cannot keep exact.
+
+    hf: the model's (text) config as a dict (config.json, or vLLM's hf_text_config.to_dict()).
+    """
+    rope = rope_parameters(hf)
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ShieldConfigError(
+            f"kvshield: rope_type {rope_type!r} is not supported (its rotary module is not a static cos/sin "
+            f"table the shield can permute); accepted: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    for setting, why in (
+        ("mrope_section", "multimodal rope rotates sections by separate positions"),
+        ("use_fope", "Fourier rope mixes rotary frequencies"),
+        ("alpha", "dynamic NTK-alpha rope recomputes its table"),
+    ):
+        if rope.get(setting):
+            raise ShieldConfigError(f"kvshield: rope setting {setting}={rope[setting]!r} is not supported ({why})")
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    rope_dim = rope.get("rope_dim")
+    if partial != 1.0 or (rope_dim and rope_dim != attention_shape(hf, family).head_dim):
+        setting = f"partial_rotary_factor={partial}" if partial != 1.0 else f"rope_dim={rope_dim}"
+        raise ShieldConfigError(
+            f"kvshield: partial rotary ({setting}) is not supported: the K transform treats every head dim "
+            "as half of a rotary pair"
+        )
+    if hf.get("dual_chunk_attention_config"):
+        raise ShieldConfigError(
+            "kvshield: dual_chunk_attention_config is not supported (dual-chunk attention rotates q and k "
+            "with tables of its own)"
+        )
+    if hf.get("qk_norm") and not family.qk_norm:
+        raise ShieldConfigError(
+            f"kvshield: {family.name} with qk_norm=true is not supported (only Qwen3's q/k norms are shielded and tested)"
+        )

@@ -15,8 +15,9 @@ from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import EXPLICIT_ARCH, llama_architectures, registered_architectures
-from .config import CONFIG_KEY, DEFAULT_MODE, ShieldConfig, ShieldConfigError
+from . import family_architectures, registered_families
+from .config import CONFIG_KEY, DEFAULT_MODE, ShieldConfig, ShieldConfigError, check_model_settings, check_sliding_window
+from .families import FAMILIES, Family, sliding_window
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM moved its server argument parser; the first module that has it wins.
@@ -142,7 +143,7 @@ def read_model_config(model: str, revision: str | None) -> dict | None:
 
         cached = try_to_load_from_cache(model, "config.json", revision=revision)
         if not isinstance(cached, str):
-            return None  # not downloaded yet: the workers check it (a non-Llama start never reports ready)
+            return None  # not downloaded yet: the workers check it (an unsupported model never reports ready)
         config = Path(cached)
     try:
         return json.loads(config.read_text())
@@ -150,22 +151,32 @@ def read_model_config(model: str, revision: str | None) -> dict | None:
         raise LaunchError(f"kvshield: cannot read {config}: {e}") from None
 
 
-def shieldable_architectures(registry) -> list[str]:
-    """Architecture names the plugin serves: vLLM's Llama names, before or after the plugin registered them."""
-    return sorted(set(llama_architectures(registry)) | set(registered_architectures()) | {EXPLICIT_ARCH})
+def shieldable_families(registry) -> dict[str, Family]:
+    """Architecture name -> family, for the names the plugin serves: vLLM's names of each family's class
+    (before or after the plugin registered them) and the shielded classes' own."""
+    families = {arch: f for f in FAMILIES for arch in family_architectures(registry, f)}
+    return {**families, **registered_families()}
 
 
-def check_model(model: str, hf_config: dict, hf_overrides, quantization: str | None, accepted: list[str]) -> None:
-    """Refuse a checkpoint the shield cannot protect: not a Llama architecture, or quantized."""
+def check_model(
+    model: str, hf_config: dict, hf_overrides, quantization: str | None, accepted: dict[str, Family], mode: str, window: bool = True
+) -> None:
+    """Refuse a checkpoint the shield cannot protect: an architecture of no family it serves, a setting
+    its family cannot keep exact (config.check_model_settings), a sliding window in mode per-request,
+    or quantized. window: False when --disable-sliding-window turns the model's window off."""
     archs = hf_config.get("architectures") or []
     if isinstance(hf_overrides, dict) and hf_overrides.get("architectures"):
         archs = hf_overrides["architectures"]
     unsupported = [a for a in archs if a not in accepted]
     if not archs or unsupported:
+        names = ", ".join(sorted({f.name for f in FAMILIES}))
         raise LaunchError(
             f"kvshield: {model} has architecture(s) {', '.join(archs) or 'none'}; "
-            f"the shield supports only Llama architectures: {', '.join(accepted)}"
+            f"the shield supports the {names} families: {', '.join(sorted(accepted))}"
         )
+    for arch in archs:
+        check_model_settings(accepted[arch], hf_config)
+    check_sliding_window(mode, sliding_window(hf_config) if window else None)
     quant = hf_config.get("quantization_config")
     if quant is not None or quantization is not None:
         method = quantization or (quant.get("quant_method") if isinstance(quant, dict) else quant)
@@ -323,7 +334,8 @@ def plan_serve(model: str | None, shortcuts: dict, vllm_args: list[str], env=os.
     if hf_config is not None:
         from vllm import ModelRegistry
 
-        check_model(model, hf_config, ns.hf_overrides, ns.quantization, shieldable_architectures(ModelRegistry))
+        families = shieldable_families(ModelRegistry)
+        check_model(model, hf_config, ns.hf_overrides, ns.quantization, families, shield.mode, window=not ns.disable_sliding_window)
 
     server_args = ["--model", model, *served_name, *strip_options(vllm_args, {"--model", "--additional-config"})]
     if ns.host is None:

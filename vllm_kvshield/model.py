@@ -1,15 +1,20 @@
-"""KVShieldLlamaForCausalLM: vLLM's Llama whose attention weights pass through the enclave at load.
+"""Shielded variants of vLLM's Llama, Qwen2, Qwen3 and Mistral: attention weights pass through the enclave at load.
 
-Registered for every architecture name vLLM maps to its Llama code. Without the
-kvshield config it is vLLM's LlamaForCausalLM, unchanged. With it:
-  - each layer owns a copy of vLLM's rotary module, its table permuted at load;
-  - the checkpoint's q/k/v/o tensors go to the enclave before vLLM shards them;
-  - mode "mix" applies the runtime K/Q mix after RoPE;
-  - mode "per-request" mixes each token's q, k, v with its own request's matrices around
-    vLLM's attention (request_mix.py, rows kept by request_keys.py) and, after each step,
-    moves the rows the step wrote to random slots of their blocks (cache_shuffle.py).
+Each KVShield<class> is vLLM's class with ShieldedModel mixed in, registered for every
+architecture name vLLM maps to that class (families.FAMILIES). Without the kvshield config it
+is vLLM's class, unchanged. With it, once vLLM has built the model:
+  - each layer's attention gets a copy of vLLM's rotary module, its table permuted (and, for
+    Qwen3's q/k norm, turned) at load;
+  - modes "mix" and "per-request" put each layer's vLLM Attention behind MixedAttention
+    (the runtime maps after RoPE);
+  - the checkpoint's q/k/v/o tensors (and Qwen3's q_norm/k_norm weights) go to the enclave,
+    one call per layer, before vLLM's loaders shard them;
+  - mode "per-request": each step's tokens are laid out by request (request_mix.StepPlan,
+    matrices kept by request_keys.py), and after the step the rows it wrote move to random
+    slots of their blocks (cache_shuffle.py).
+The families' attention forwards stay vLLM's: they call self.rotary_emb and self.attn.
 
-    python -m vllm.entrypoints.openai.api_server --model PATH \\
+    python -m vllm.entrypoints.openai.api_server --model Qwen/Qwen3-0.6B \\
         --additional-config '{"kvshield": {"mode": "mix"}}'
 """
 
@@ -20,6 +25,7 @@ import re
 from collections.abc import Iterable, Iterator
 
 import torch
+from torch import nn
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.rotary_embedding import (
@@ -29,17 +35,22 @@ from vllm.model_executor.layers.rotary_embedding import (
     RotaryEmbedding,
     YaRNScalingRotaryEmbedding,
 )
-from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
-from vllm.model_executor.models.utils import extract_layer_index
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from . import cache_shuffle, enclave, registered_architectures, request_keys, request_mix
+from . import cache_shuffle, enclave, registered_families, request_keys, request_mix
 from .config import ShieldConfig, ShieldConfigError, ShieldError, check_supported
+from .families import FAMILIES_BY_CLASS, Family
+from .mixed_attention import MixedAttention, vllm_attention
 from .shield_status import ShieldStatus
-from .transforms import ATTENTION_BIASES, ATTENTION_WEIGHTS, AttentionShape, DeviceMaterial, mix_qk, permute_rotary_cache
+from .transforms import ATTENTION_BIASES, ATTENTION_WEIGHTS, QK_NORM_WEIGHTS, AttentionShape, DeviceMaterial, shielded_rotary_cache
 
 logger = logging.getLogger("vllm.plugins.kvshield")  # under "vllm": vLLM's handlers and format
 
-# Rotary classes whose whole state is a static cos/sin table: exact type, not subclasses.
+# Rotary classes whose whole state is a static cos/sin table: exact type, not subclasses
+# (families.SUPPORTED_ROPE_TYPES refuses the others before vLLM starts; this is the worker's check).
 SUPPORTED_ROPES = (
     RotaryEmbedding,
     LinearScalingRotaryEmbedding,
@@ -50,7 +61,7 @@ SUPPORTED_ROPES = (
 # checkpoint names of one layer's attention tensors
 ATTENTION_TENSOR = re.compile(
     r"^(?P<prefix>(?:.*\.)?layers\.(?P<layer>\d+)\.self_attn\.)(?P<name>"
-    + "|".join(map(re.escape, ATTENTION_WEIGHTS + ATTENTION_BIASES))
+    + "|".join(map(re.escape, ATTENTION_WEIGHTS + ATTENTION_BIASES + QK_NORM_WEIGHTS))
     + ")$"
 )
 IGNORED_ATTENTION_TENSORS = ("rotary_emb.inv_freq",)  # old checkpoints carry it; vLLM skips it too
@@ -65,77 +76,59 @@ def local_kv_heads(total_kv_heads: int) -> torch.Tensor:
     return torch.tensor([rank // (size // total_kv_heads)])
 
 
-class ShieldedLlamaAttention(LlamaAttention):
-    """LlamaAttention with its own rotary table and, after RoPE, in mode "mix" k'' = k' M, q'' = q' M^{-T},
-    in mode "per-request" each token's request's mix of q, k, v and un-mix of the attention output."""
+def shield_attention(attn: nn.Module, family: Family, mode: str, layer: int, max_model_len: int) -> None:
+    """Make one layer's attention module (LlamaAttention, Qwen2Attention, ...) ready for its device material.
 
-    def __init__(self, *args, runtime_mix: bool, per_request: bool, max_model_len: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.layer_index = extract_layer_index(kwargs["prefix"])
-        self.per_request = per_request
-        shared = self.rotary_emb
-        if type(shared) not in SUPPORTED_ROPES:
-            names = ", ".join(c.__name__ for c in SUPPORTED_ROPES)
-            raise ShieldConfigError(f"kvshield: rotary embedding {type(shared).__name__} is not supported; accepted: {names}")
-        if shared.rotary_dim != self.head_dim:
-            raise ShieldConfigError(
-                f"kvshield: partial rotary (rotary_dim={shared.rotary_dim}, head_dim={self.head_dim}) is not supported"
-            )
-        # get_rope shares one module across layers: own a copy of vLLM's module (so rope
-        # scaling stays vLLM's), holding only the positions this server can reach.
-        self._plain_table = shared.cos_sin_cache[:max_model_len]  # [P, d]: cos | sin
-        self.rotary_emb = copy.deepcopy(shared)
-        self.rotary_emb.cos_sin_cache = self._plain_table.clone()
-        if runtime_mix:  # [H_kv local, d, d] M_h and M_h^{-T}, filled at load
-            d = self.head_dim
-            self.register_buffer("qk_mix", torch.zeros(self.num_kv_heads, d, d), persistent=False)
-            self.register_buffer("qk_mix_q", torch.zeros(self.num_kv_heads, d, d), persistent=False)
-        else:
-            self.qk_mix = self.qk_mix_q = None
-
-    def install(self, material: DeviceMaterial) -> None:
-        """Put one layer's device material in place: permuted rotary table, runtime mix."""
-        pairs = material.pairs.to(self._plain_table.device)
-        self.rotary_emb.cos_sin_cache = permute_rotary_cache(self._plain_table, pairs)
-        if self.qk_mix is not None:
-            heads = local_kv_heads(self.total_num_kv_heads)
-            self.qk_mix.copy_(material.mix[heads])
-            self.qk_mix_q.copy_(material.mix_q[heads])
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.qk_mix is None and not self.per_request:
-            return super().forward(positions, hidden_states)
-        qkv, _ = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        if self.qk_mix is not None:
-            q, k = mix_qk(q, k, self.qk_mix, self.qk_mix_q)
-        if not self.per_request:
-            output, _ = self.o_proj(self.attn(q, k, v))
-            return output
-        q, k, v = torch.ops.kvshield.request_mix(q, k, v, self.layer_index, self.num_kv_heads)
-        o = torch.ops.kvshield.request_unmix(self.attn(q, k, v), self.layer_index, self.num_kv_heads)
-        output, _ = self.o_proj(o)
-        return output
+    Its rotary module becomes a copy of its own (vLLM's get_rope shares one across layers), holding
+    only the positions this server can reach; in modes "mix" and "per-request" its Attention goes
+    behind MixedAttention. layer: the layer's global index.
+    """
+    shared = attn.rotary_emb
+    if type(shared) not in SUPPORTED_ROPES:
+        names = ", ".join(c.__name__ for c in SUPPORTED_ROPES)
+        raise ShieldConfigError(f"kvshield: rotary embedding {type(shared).__name__} is not supported; accepted: {names}")
+    if shared.rotary_dim != attn.head_dim:
+        raise ShieldConfigError(
+            f"kvshield: partial rotary (rotary_dim={shared.rotary_dim}, head_dim={attn.head_dim}) is not supported"
+        )
+    if hasattr(attn, "k_norm") != family.qk_norm:
+        raise ShieldConfigError(
+            f"kvshield: {family.name}'s attention {'has' if hasattr(attn, 'k_norm') else 'lacks'} q/k norms; "
+            "the shield's transform for this family assumes the opposite"
+        )
+    rotary = copy.deepcopy(shared)
+    rotary.kvshield_plain_table = shared.cos_sin_cache[:max_model_len]  # [P, d]: cos | sin
+    rotary.cos_sin_cache = rotary.kvshield_plain_table.clone()
+    attn.rotary_emb = rotary
+    if mode in ("mix", "per-request"):
+        request_layer = layer if mode == "per-request" else None
+        attn.attn = MixedAttention(attn.attn, attn.num_kv_heads, attn.head_dim, static_mix=mode == "mix", request_layer=request_layer)
 
 
-class KVShieldLlamaForCausalLM(LlamaForCausalLM):
-    """vLLM's Llama; with additional_config["kvshield"], its KV cache holds only transformed K/V."""
+def install(attn: nn.Module, material: DeviceMaterial) -> None:
+    """Put one layer's device material in place: its rotary table, and in mode "mix" this rank's M_h."""
+    rotary = attn.rotary_emb
+    rotary.cos_sin_cache = shielded_rotary_cache(rotary.kvshield_plain_table, material)
+    mixed = isinstance(attn.attn, MixedAttention) and attn.attn.static_mix
+    if mixed != (material.mix is not None):
+        raise ShieldError(f"kvshield: the enclave's material (mix={material.mix is not None}) does not fit this layer")
+    if mixed:
+        heads = local_kv_heads(attn.total_num_kv_heads)
+        attn.attn.install(material.mix[heads], material.mix_q[heads])
 
-    def __init__(self, *, vllm_config, prefix: str = "", layer_type=LlamaDecoderLayer):
+
+class ShieldedModel:
+    """Mixed into one of vLLM's model classes: with additional_config["kvshield"], its KV cache holds only transformed K/V."""
+
+    family: Family  # set by each KVShield<class>
+
+    def __init__(self, *, vllm_config, prefix: str = "", **kwargs):
         shield = ShieldConfig.from_vllm_config(vllm_config)
         if shield is not None:
-            check_supported(vllm_config, registered_architectures())
-            attention = functools.partial(
-                ShieldedLlamaAttention,
-                runtime_mix=shield.mode == "mix",
-                per_request=shield.mode == "per-request",
-                max_model_len=vllm_config.model_config.max_model_len,
-            )
+            check_supported(vllm_config, registered_families())
             if shield.mode == "per-request":
                 request_mix.register_ops()
-            layer_type = functools.partial(layer_type, attn_layer_type=attention)
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.shield = shield
         self.enclave_name = enclave.enclave_name(vllm_config) if shield else None
         # Held for the model's life: Ray ends a non-detached actor once no handle to it is
@@ -144,6 +137,18 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
         self.shielded_layers: set[int] = set()
         self._dtype = vllm_config.model_config.dtype
         self._max_rows = vllm_config.scheduler_config.max_num_seqs  # rows of vLLM's persistent batch
+        if shield is not None:
+            for layer in self._local_layers():
+                shield_attention(
+                    self.model.layers[layer].self_attn,
+                    self.family,
+                    shield.mode,
+                    layer,
+                    max_model_len=vllm_config.model_config.max_model_len,
+                )
+
+    def _local_layers(self) -> range:
+        return range(self.model.start_layer, self.model.end_layer)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if self.shield is None:
@@ -151,7 +156,7 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
         handle = self.enclave_handle = enclave.connect(self.shield, self.enclave_name)
         self.shielded_layers = set()
         loaded = super().load_weights(self._through_enclave(weights, handle))
-        local = set(range(self.model.start_layer, self.model.end_layer))
+        local = set(self._local_layers())
         if self.shielded_layers != local:
             missing = sorted(local - self.shielded_layers)
             raise ShieldError(f"kvshield: layers {missing} got no attention weights through the enclave; refusing to serve")
@@ -165,7 +170,7 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
         """This worker's per-request matrices, one row per batch row (mode per-request)."""
         attn = self.model.layers[self.model.start_layer].self_attn
         rows = request_keys.RequestKeyRows(
-            layers=range(self.model.start_layer, self.model.end_layer),
+            layers=self._local_layers(),
             kv_heads=local_kv_heads(attn.total_num_kv_heads).tolist(),
             head_dim=attn.head_dim,
             max_rows=self._max_rows,
@@ -192,7 +197,7 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
         finally:
             request_mix.begin_step(None)
         if plan is not None:
-            caches = [self.model.layers[i].self_attn.attn.kv_cache for i in range(self.model.start_layer, self.model.end_layer)]
+            caches = [vllm_attention(self.model.layers[i].self_attn.attn).kv_cache for i in self._local_layers()]
             cache_shuffle.shuffle_step(caches, starts, meta.seq_lens.tolist(), meta.block_table, cache_shuffle.fresh_generator())
         return out
 
@@ -211,18 +216,22 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
             head_dim=attn.head_dim,
             hidden_size=attn.hidden_size,
             neox=attn.rotary_emb.is_neox_style,
+            qk_norm=self.family.qk_norm,
         )
 
     def _expected(self, layer: int) -> set[str]:
         attn = self.model.layers[layer].self_attn
         qkv_bias, o_bias = attn.qkv_proj.bias is not None, attn.o_proj.bias is not None
         biases = {name for name in ATTENTION_BIASES if (o_bias if name.startswith("o_proj") else qkv_bias)}
-        return set(ATTENTION_WEIGHTS) | biases
+        return set(ATTENTION_WEIGHTS) | biases | (set(QK_NORM_WEIGHTS) if self.family.qk_norm else set())
 
     def _through_enclave(self, weights, handle) -> Iterator[tuple[str, torch.Tensor]]:
         """Pass the checkpoint through, swapping each layer's attention tensors for the enclave's.
 
         Buffers at most one layer's attention tensors (checkpoints store a layer's keys together).
+        Hugging Face names only: a tensor under another name (Mistral's consolidated `attention.wq`, which
+        load_format "mistral" would bring; refused) passes untransformed, and then its layer is missing
+        from shielded_layers, which load_weights refuses.
         """
         shape = self._shape()
         pending: dict[int, dict[str, torch.Tensor]] = {}
@@ -244,7 +253,7 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
             prefixes[layer] = m["prefix"]
             if set(pending[layer]) == expected:
                 out, material = enclave.transform(handle, layer, shape, pending.pop(layer), self._dtype)
-                self.model.layers[layer].self_attn.install(material)
+                install(self.model.layers[layer].self_attn, material)
                 self.shielded_layers.add(layer)
                 for short, t in out.items():
                     yield prefixes[layer] + short, t
@@ -253,9 +262,25 @@ class KVShieldLlamaForCausalLM(LlamaForCausalLM):
             raise ShieldError(f"kvshield: checkpoint lacks attention tensors {incomplete}; refusing to serve")
 
 
+class KVShieldLlamaForCausalLM(ShieldedModel, LlamaForCausalLM):
+    family = FAMILIES_BY_CLASS["LlamaForCausalLM"]
+
+
+class KVShieldQwen2ForCausalLM(ShieldedModel, Qwen2ForCausalLM):
+    family = FAMILIES_BY_CLASS["Qwen2ForCausalLM"]
+
+
+class KVShieldQwen3ForCausalLM(ShieldedModel, Qwen3ForCausalLM):
+    family = FAMILIES_BY_CLASS["Qwen3ForCausalLM"]
+
+
+class KVShieldMistralForCausalLM(ShieldedModel, MistralForCausalLM):
+    family = FAMILIES_BY_CLASS["MistralForCausalLM"]
+
+
 def shield_status(model) -> dict:
     """What a worker's model says about its shield (run through LLM.apply_model): its class and its ShieldStatus."""
-    shielded = isinstance(model, KVShieldLlamaForCausalLM) and model.shield is not None
+    shielded = isinstance(model, ShieldedModel) and model.shield is not None
     status = ShieldStatus(model.shield.mode, len(model.shielded_layers)) if shielded else ShieldStatus.off()
     return {
         "model_class": type(model).__name__,

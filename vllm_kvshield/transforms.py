@@ -1,4 +1,4 @@
-"""Secret per-layer transforms of a Llama attention block, and the key they derive from.
+"""Secret per-layer transforms of an attention block (Llama, Qwen2, Qwen3, Mistral), and the key they derive from.
 
 Pure math: this module imports only torch and the standard library. Row vectors
 throughout: q = x W_Q^T, k = x W_K^T, v = x W_V^T (torch's `weight` is [out, in]).
@@ -20,6 +20,14 @@ is one per layer because the rotary table is shared by all heads of a layer.
     mix-v        P . blockdiag(c R(phi))     dense, non-orthogonal   -
     mix          P . blockdiag(c R(phi))     dense, non-orthogonal   dense, non-orthogonal
     per-request  P . blockdiag(c R(phi))     dense, non-orthogonal   -  (M_rh, A_rh per request r)
+
+With a q/k norm (Qwen3: n = k / rms(k) * w before RoPE, one weight w [d] for all heads),
+W_K's rows may only get what passes the norm: an orthogonal map that commutes with
+diag(w), i.e. P and a sign per (head, slot): rms(k P S_h) == rms(k), (k P S_h) * (w P) ==
+(k * w) P S_h. The rest of T_h moves behind the norm, one per layer: the scale c_i into
+the norm weights (k_norm: w P c, q_norm: w P / c) and the angle phi_i into the rotary
+table (slot i at position m turns by m theta + phi_i, for q and k alike). So for mix-v,
+T_h = P . blockdiag(s_hi c_i R(phi_i)): scale and angle per layer, sign per head.
 
 All material derives from a 32-byte key and the layer index through HMAC-SHA256
 and SHAKE-256, so whoever holds the key predicts every transformed weight exactly.
@@ -70,6 +78,7 @@ class AttentionShape:
     head_dim: int
     hidden_size: int
     neox: bool = True  # rotary pairs (i, i + d/2); False: (2i, 2i + 1)
+    qk_norm: bool = False  # q and k pass a per-head RMSNorm (one weight [d] each, all heads) before RoPE
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -89,12 +98,17 @@ class LayerKey:
     kv_heads: torch.Tensor  # [H_kv] new KV head j holds original KV head kv_heads[j]
     q_heads: torch.Tensor  # [H_q] new query head i holds original query head q_heads[i]
     pairs: torch.Tensor  # [d/2] rotary slot i holds original pair pairs[i]
-    k_mat: torch.Tensor  # [H_kv, d, d] T_h, fp64
+    k_mat: torch.Tensor  # [H_kv, d, d] T_h, fp64: cached K (after RoPE) = plain K T_h, before the mix
     q_mat: torch.Tensor  # [H_kv, d, d] T_h^{-T}
     v_mat: torch.Tensor  # [H_kv, d, d] A_h
     v_inv: torch.Tensor  # [H_kv, d, d] A_h^{-1}
     mix: torch.Tensor | None  # [H_kv, d, d] M_h (mode "mix")
     mix_q: torch.Tensor | None  # [H_kv, d, d] M_h^{-T}
+    # What W_K's / W_Q's rows get: T_h and T_h^{-T} without a q/k norm; P S_h with one.
+    k_rows: torch.Tensor | None = None  # [H_kv, d, d]; None: k_mat
+    q_rows: torch.Tensor | None = None  # [H_kv, d, d]; None: q_mat
+    norm_scale: torch.Tensor | None = None  # [d/2] c_i per slot, into k_norm (q_norm gets 1/c_i)
+    rotary_angle: torch.Tensor | None = None  # [d/2] phi_i per slot, into the rotary table
 
     def __repr__(self) -> str:
         return f"LayerKey(H_kv={len(self.kv_heads)}, d={self.k_mat.shape[-1]}, mix={self.mix is not None})"
@@ -178,6 +192,11 @@ def _pair_matrices(pairs: torch.Tensor, scale: torch.Tensor, angle: torch.Tensor
     return perm @ k_blocks, perm @ q_blocks
 
 
+def _log_pair_scale(key: bytes, layer: int, label: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """log c, uniform in [-log PAIR_SCALE, log PAIR_SCALE]."""
+    return (2.0 * _uniform(key, layer, label, shape) - 1.0) * math.log(PAIR_SCALE)
+
+
 def derive_layer_key(key: bytes, layer: int, shape: AttentionShape, mode: str) -> LayerKey:
     """The deterministic secret material of one layer for one mode (per-request: mix-v's, the static part)."""
     if mode not in MODES:
@@ -187,6 +206,7 @@ def derive_layer_key(key: bytes, layer: int, shape: AttentionShape, mode: str) -
     within = _permutation(key, layer, "q_heads", (h_kv, g))  # [H_kv, g]
     q_heads = (kv_heads.unsqueeze(1) * g + within).reshape(-1)
     pairs = _permutation(key, layer, "pairs", (d // 2,))
+    k_rows = q_rows = norm_scale = rotary_angle = None
 
     if mode == "permute":
         ones = torch.ones(h_kv, d // 2, dtype=torch.float64)
@@ -195,8 +215,17 @@ def derive_layer_key(key: bytes, layer: int, shape: AttentionShape, mode: str) -
         v_mat = torch.zeros(h_kv, d, d, dtype=torch.float64)
         v_mat.scatter_(1, dims.unsqueeze(1), 1.0)  # v'[i] = v[dims[i]]
         v_inv = v_mat.transpose(-1, -2).clone()
+    elif shape.qk_norm:
+        # scale and angle one per layer (behind the shared norm weight and rotary table), sign per head
+        norm_scale = torch.exp(_log_pair_scale(key, layer, "norm_pair_scale", (d // 2,)))
+        rotary_angle = 2.0 * math.pi * _uniform(key, layer, "rotary_pair_angle", (d // 2,))
+        flip = math.pi * (_uniform(key, layer, "pair_sign", (h_kv, d // 2)) < 0.5).double()  # R(pi) = -I
+        ones = torch.ones(h_kv, d // 2, dtype=torch.float64)
+        k_rows, q_rows = _pair_matrices(pairs, ones, flip, d, shape.neox)
+        k_mat, q_mat = _pair_matrices(pairs, norm_scale.expand(h_kv, -1), rotary_angle + flip, d, shape.neox)
+        v_mat, v_inv = _dense(key, layer, "v_mix", h_kv, d)
     else:
-        log_c = (2.0 * _uniform(key, layer, "pair_scale", (h_kv, d // 2)) - 1.0) * math.log(PAIR_SCALE)
+        log_c = _log_pair_scale(key, layer, "pair_scale", (h_kv, d // 2))
         angle = 2.0 * math.pi * _uniform(key, layer, "pair_angle", (h_kv, d // 2))
         k_mat, q_mat = _pair_matrices(pairs, torch.exp(log_c), angle, d, shape.neox)
         v_mat, v_inv = _dense(key, layer, "v_mix", h_kv, d)
@@ -205,19 +234,27 @@ def derive_layer_key(key: bytes, layer: int, shape: AttentionShape, mode: str) -
     if mode == "mix":
         mix, mix_inv = _dense(key, layer, "qk_mix", h_kv, d)
         mix_q = mix_inv.transpose(-1, -2).contiguous()
-    return LayerKey(kv_heads, q_heads, pairs, k_mat, q_mat, v_mat, v_inv, mix, mix_q)
+    return LayerKey(
+        kv_heads, q_heads, pairs, k_mat, q_mat, v_mat, v_inv, mix, mix_q, k_rows, q_rows, norm_scale, rotary_angle
+    )
 
 
 # --- weights ---------------------------------------------------------------------------------
 
 ATTENTION_WEIGHTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")
 ATTENTION_BIASES = ("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias")
+QK_NORM_WEIGHTS = ("q_norm.weight", "k_norm.weight")
+
+
+def required_tensors(shape: AttentionShape) -> tuple[str, ...]:
+    """The attention tensors every layer of this shape has (biases are optional)."""
+    return ATTENTION_WEIGHTS + (QK_NORM_WEIGHTS if shape.qk_norm else ())
 
 
 def expected_shapes(shape: AttentionShape) -> dict[str, tuple[int, ...]]:
     """Checkpoint shapes of one layer's attention tensors (full, unsharded)."""
     hq, hkv, D = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim, shape.hidden_size
-    return {
+    shapes = {
         "q_proj.weight": (hq, D),
         "k_proj.weight": (hkv, D),
         "v_proj.weight": (hkv, D),
@@ -227,6 +264,9 @@ def expected_shapes(shape: AttentionShape) -> dict[str, tuple[int, ...]]:
         "v_proj.bias": (hkv,),
         "o_proj.bias": (D,),
     }
+    if shape.qk_norm:
+        shapes.update({name: (shape.head_dim,) for name in QK_NORM_WEIGHTS})
+    return shapes
 
 
 def _rows(w: torch.Tensor, heads: torch.Tensor, mats: torch.Tensor, group: int) -> torch.Tensor:
@@ -254,12 +294,14 @@ def transform_attention(
             raise ValueError(f"unexpected attention tensor {name!r}; accepted: {', '.join(shapes)}")
         if tuple(t.shape) != shapes[name]:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shapes[name]}")
-    missing = [n for n in ATTENTION_WEIGHTS if n not in tensors]
+    missing = [n for n in required_tensors(shape) if n not in tensors]
     if missing:
         raise ValueError(f"attention weights missing: {', '.join(missing)}")
 
     f32 = {n: t.float() for n, t in tensors.items()}
-    k_mat, q_mat, v_mat, v_inv = (m.float() for m in (lk.k_mat, lk.q_mat, lk.v_mat, lk.v_inv))
+    k_rows = lk.k_mat if lk.k_rows is None else lk.k_rows
+    q_rows = lk.q_mat if lk.q_rows is None else lk.q_rows
+    k_mat, q_mat, v_mat, v_inv = (m.float() for m in (k_rows, q_rows, lk.v_mat, lk.v_inv))
     out = {}
     for proj, heads, mats, group in (
         ("q_proj", lk.q_heads, q_mat, shape.group),
@@ -277,7 +319,26 @@ def transform_attention(
     out["o_proj.weight"] = torch.einsum("nhd,hde->nhe", o, inv_t).reshape(f32["o_proj.weight"].shape)
     if "o_proj.bias" in f32:
         out["o_proj.bias"] = f32["o_proj.bias"]  # added after the un-mixing: unchanged
+    if shape.qk_norm:
+        out.update(transform_qk_norm(f32["q_norm.weight"], f32["k_norm.weight"], lk, shape))
     return {n: t.to(dtype).contiguous() for n, t in out.items()}
+
+
+def transform_qk_norm(
+    q_weight: torch.Tensor, k_weight: torch.Tensor, lk: LayerKey, shape: AttentionShape
+) -> dict[str, torch.Tensor]:
+    """q_norm / k_norm weights [d] for rows transformed by P S_h: permuted like the dims, times c (k) or 1/c (q).
+
+    Invariant: norm(k P S_h; w_k P c) == norm(k; w_k) P S_h diag(c), the same for q with 1/c.
+    """
+    a, b = pair_dims(shape.head_dim, shape.neox)
+    src = torch.empty(shape.head_dim, dtype=torch.long)  # new dim j holds original dim src[j]
+    src[a], src[b] = a[lk.pairs], b[lk.pairs]
+    scale = torch.ones(shape.head_dim, dtype=torch.float64)
+    if lk.norm_scale is not None:
+        scale[a], scale[b] = lk.norm_scale, lk.norm_scale
+    scale = scale.float()
+    return {"q_norm.weight": q_weight[src] / scale, "k_norm.weight": k_weight[src] * scale}
 
 
 # --- rotary table and runtime mixing ---------------------------------------------------------
@@ -290,6 +351,28 @@ def permute_rotary_cache(cos_sin: torch.Tensor, pairs: torch.Tensor) -> torch.Te
         raise ValueError(f"rotary table has {half} pairs, permutation has {len(pairs)}")
     cos, sin = cos_sin[..., :half], cos_sin[..., half:]
     return torch.cat((cos[..., pairs], sin[..., pairs]), dim=-1)
+
+
+def turn_rotary_cache(cos_sin: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """vLLM's [positions, rot_dim] table with slot i turned by angle[i] at every position.
+
+    cos(a + phi), sin(a + phi) from cos a, sin a (fp64 math, so a scaled table such as YaRN's
+    stays scaled). q and k both turn by R(phi): q' k'^T == q k^T.
+    """
+    half = cos_sin.shape[-1] // 2
+    if len(angle) != half:
+        raise ValueError(f"rotary table has {half} pairs, angle has {len(angle)}")
+    cos, sin = cos_sin[..., :half].double(), cos_sin[..., half:].double()
+    c, s = torch.cos(angle.double()), torch.sin(angle.double())
+    return torch.cat((cos * c - sin * s, sin * c + cos * s), dim=-1).to(cos_sin.dtype)
+
+
+def shielded_rotary_cache(cos_sin: torch.Tensor, material: "DeviceMaterial") -> torch.Tensor:
+    """The layer's own rotary table: pairs permuted, then (with a q/k norm) turned."""
+    table = permute_rotary_cache(cos_sin, material.pairs.to(cos_sin.device))
+    if material.rotary_angle is not None:
+        table = turn_rotary_cache(table, material.rotary_angle.to(cos_sin.device))
+    return table
 
 
 def mix_qk(
@@ -368,6 +451,17 @@ def request_material(seeds: list[bytes], layers, kv_heads, head_dim: int) -> tor
     return mats.unflatten(0, (len(seeds), len(layers), len(kv_heads))).transpose(2, 3).contiguous()
 
 
+def predict_cached_kv(k: torch.Tensor, v: torch.Tensor, lk: LayerKey) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached K', V' [T, H_kv, d] the key predicts from plain K (after RoPE) and V [T, H_kv, d].
+
+    k' = k[:, kv_heads] T_h (then M_h in mode "mix"), v' = v[:, kv_heads] A_h; fp64 math, input dtype out.
+    """
+    k_mat = lk.k_mat if lk.mix is None else lk.k_mat @ lk.mix
+    k_out = torch.einsum("thd,hde->the", k[:, lk.kv_heads].double(), k_mat)
+    v_out = torch.einsum("thd,hde->the", v[:, lk.kv_heads].double(), lk.v_mat)
+    return k_out.to(k.dtype), v_out.to(v.dtype)
+
+
 # --- the enclave's one call ------------------------------------------------------------------
 
 
@@ -378,9 +472,13 @@ class DeviceMaterial:
     pairs: torch.Tensor  # [d/2] rotary table permutation
     mix: torch.Tensor | None  # [H_kv, d, d] M_h
     mix_q: torch.Tensor | None  # [H_kv, d, d] M_h^{-T}
+    rotary_angle: torch.Tensor | None = None  # [d/2] per-slot turn of the rotary table (q/k norm, mix modes)
 
     def __repr__(self) -> str:
-        return f"DeviceMaterial(pairs={len(self.pairs)}, mix={self.mix is not None})"
+        return (
+            f"DeviceMaterial(pairs={len(self.pairs)}, mix={self.mix is not None}, "
+            f"turned={self.rotary_angle is not None})"
+        )
 
 
 def shield_layer(
@@ -396,4 +494,5 @@ def shield_layer(
     out = transform_attention(tensors, lk, shape, dtype)
     mix = None if lk.mix is None else lk.mix.to(dtype)
     mix_q = None if lk.mix_q is None else lk.mix_q.to(dtype)
-    return out, DeviceMaterial(lk.pairs.clone(), mix, mix_q)
+    angle = None if lk.rotary_angle is None else lk.rotary_angle.clone()
+    return out, DeviceMaterial(lk.pairs.clone(), mix, mix_q, angle)

@@ -51,3 +51,43 @@ def test_bf16_emulation_drifts_a_little(public, forward, tokens):
 def test_layer_out_of_range_is_refused(forward, tokens):
     with pytest.raises(ValueError, match="the model has 30 layers"):
         forward.candidate_kv(forward.prefill(tokens), torch.tensor([1]), layer=30)
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory, model_path) -> dict[str, str]:
+    import checkpoints
+
+    root = str(tmp_path_factory.mktemp("forward-families"))
+    return {name: checkpoints.build(name, root, tokenizer_from=model_path) for name in FAMILY_CHECKPOINTS}
+
+
+# Qwen2 (q/k/v biases), Qwen3 (q/k norm, and biases), Mistral (window 32: the prompt below is 60 tokens)
+FAMILY_CHECKPOINTS = ("qwen2-kv2", "qwen3-bias-kv2", "mistral-sw32-kv2")
+
+
+@pytest.mark.parametrize("name", FAMILY_CHECKPOINTS)
+def test_families_match_transformers(family_folders, name):
+    """The forward of each family's random-weight checkpoint equals transformers' (logits, every layer's K/V),
+    and a candidate step past the window equals a prefill."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_kvshield.attack.public_model import PublicModel
+
+    public = PublicModel.load(family_folders[name])
+    forward = LlamaForward(public)
+    tokens = public.tokenizer.encode(" ".join(["My name is Priya and I live at 12 Baker Street, Leeds."] * 4))
+    assert len(tokens) > 40
+    model = AutoModelForCausalLM.from_pretrained(family_folders[name], dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(torch.tensor([tokens]), use_cache=True)
+    state = forward.prefill(tokens)
+    torch.testing.assert_close(state.logits, out.logits[0, -1], atol=1e-3, rtol=1e-4)
+    for layer in range(public.shape.layers):
+        cached = out.past_key_values.layers[layer]
+        kept = cached.keys.shape[2]  # with a window, transformers keeps the last window - 1 positions
+        torch.testing.assert_close(state.k[layer][-kept:], cached.keys[0].transpose(0, 1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(state.v[layer][-kept:], cached.values[0].transpose(0, 1), atol=1e-4, rtol=1e-4)
+    prefix = forward.prefill(tokens[:-1])
+    k, v = forward.candidate_kv(prefix, torch.tensor([7, tokens[-1]]), layer=1)
+    torch.testing.assert_close(k[1], state.k[1][-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(forward.extend(prefix, tokens[-1]).logits, state.logits, atol=1e-3, rtol=1e-4)

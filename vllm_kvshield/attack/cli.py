@@ -36,8 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default=",".join(COMPARED_MODES), help=f"comma-separated, from {', '.join(COMPARED_MODES)} (default: all)")
     p.add_argument("--prompts", help="JSON list of prompts or a text file with one per line (default: the bundled private prompts)")
     p.add_argument("--out", required=True, help="output folder for attack.json, attack.md, attack.png")
-    p.add_argument("--model", help="Llama checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--layer", type=int, default=DEEP_LAYER, help=f"layer of the collision attack (default {DEEP_LAYER})")
+    p.add_argument("--model", help="checkpoint folder of a Llama, Qwen2, Qwen3 or Mistral model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--layer", type=int, help=f"layer of the collision attack (default {DEEP_LAYER}, or the last of a smaller model)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="engine dtype (default bfloat16)")
     p.add_argument(
         "--collision-requests", type=int, default=COLLISION_REQUESTS,
@@ -110,6 +110,8 @@ def main(argv: list[str]) -> int:
     from .public_model import PublicModel
 
     layers = PublicModel.load(args.model).shape.layers
+    if args.layer is None:
+        args.layer = min(DEEP_LAYER, layers - 1)
     if not 0 < args.layer < layers:
         print(f"kvshield: --layer {args.layer} out of range; accepted: 1..{layers - 1} for this model", file=sys.stderr)
         return USAGE_ERROR

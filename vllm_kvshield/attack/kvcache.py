@@ -24,7 +24,10 @@ _records: list[tuple[torch.Tensor, int]] = []  # (block ids, sequence length) of
 
 
 def _attention_layers(model) -> list:
-    return [layer.self_attn.attn for layer in model.model.layers[model.model.start_layer : model.model.end_layer]]
+    from ..mixed_attention import vllm_attention
+
+    layers = model.model.layers[model.model.start_layer : model.model.end_layer]
+    return [vllm_attention(layer.self_attn.attn) for layer in layers]
 
 
 def start_recording(model) -> None:
@@ -75,17 +78,17 @@ def read_last_prompt(model, layers: list[int] | None = None) -> bytes:
     return buf.getvalue()
 
 
-def prompt_kv(llm, prompt_token_ids: list[int], layers: list[int] | None = None, cache_salt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill one prompt on a vllm.LLM and read its K, V [L, T, H_kv, d] back from the cache.
+def prompt_kv(
+    llm, prompt_token_ids: list[int], layers: list[int] | None = None, cache_salt: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill one prompt on a vllm.LLM and read its K, V [L, T, H_kv, d] back from the cache (in slot order).
 
-    cache_salt: vLLM's tenant salt (mode per-request: requests with one salt share the tenant's key).
+    cache_salt: vLLM's tenant salt of the request (mode per-request: the tenant's key).
     """
     from vllm import SamplingParams, TokensPrompt
 
-    prompt = TokensPrompt(prompt_token_ids=prompt_token_ids)
-    if cache_salt is not None:
-        prompt["cache_salt"] = cache_salt
+    salt = {} if cache_salt is None else {"cache_salt": cache_salt}
     llm.apply_model(start_recording)
-    llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt_token_ids, **salt)], SamplingParams(max_tokens=1), use_tqdm=False)
     raw = llm.apply_model(functools.partial(read_last_prompt, layers=layers))[0]
     return torch.load(io.BytesIO(raw))

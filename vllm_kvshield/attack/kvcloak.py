@@ -5,7 +5,8 @@ squares (minimum norm: 2 H_kv d = 384 equations, 576 unknowns on SmolLM2), and p
 the vocabulary token of highest cosine similarity. Matching the raw embeddings fails
 on this model (RMSNorm's gain has near-zero entries), so the candidates are what
 least squares can see of them: each token's normed layer input projected onto the
-row space of [W_K; W_V].
+row space of [W_K; W_V]. Biases (Qwen2) are subtracted first; where K passes a
+per-head RMSNorm (Qwen3) it is no longer linear in the input, and V alone is solved.
 
 Collision (a deeper layer): token by token, the candidates for the next position are
 the public model's most likely next tokens given the prefix recovered so far (the
@@ -50,19 +51,27 @@ class KVCloakInversion:
     def __init__(self, public: PublicModel):
         self.public = public
 
+    @property
+    def parts(self) -> str:
+        """The projections solved: K and V, or V alone where K is normed."""
+        return "v" if self.public.shape.qk_norm else "kv"
+
     @functools.cached_property
-    def _solver(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = torch.cat((self.public.weight("layers.0.self_attn.k_proj.weight"), self.public.weight("layers.0.self_attn.v_proj.weight")))
-        pinv = torch.linalg.pinv(w.double())  # [D, 2 H_kv d]
+    def _solver(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        layer = self.public.attention_weights(0, self.parts)
+        w = torch.cat([layer[f"self_attn.{p}_proj.weight"] for p in self.parts])  # [n H_kv d, D]
+        bias = torch.cat([layer.get(f"self_attn.{p}_proj.bias", torch.zeros(len(w) // len(self.parts))) for p in self.parts])
+        pinv = torch.linalg.pinv(w.double())  # [D, n H_kv d]
         inputs = self.public.layer_input(0, self.public.embeddings).double()  # [V, D]
         candidates = inputs @ (pinv @ w.double()).T  # [V, D] projected onto the row space of w
-        return pinv.float(), candidates.float()
+        return pinv.float(), bias, candidates.float()
 
     def recover(self, obs: Observation) -> torch.Tensor:
         k, v = obs.at(0)
-        kv = torch.cat((self.public.unrotate(k, slot_positions(obs)).flatten(1), v.flatten(1)), dim=1)  # [T, 2 H_kv d]
-        pinv, candidates = self._solver
-        return nearest_cosine(kv @ pinv.T, candidates)
+        rows = {"k": self.public.unrotate(k, slot_positions(obs)).flatten(1), "v": v.flatten(1)}
+        kv = torch.cat([rows[p] for p in self.parts], dim=1)  # [T, n H_kv d]
+        pinv, bias, candidates = self._solver
+        return nearest_cosine((kv - bias) @ pinv.T, candidates)
 
 
 def collision_feature(k: torch.Tensor, v: torch.Tensor, kind: str) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """A small pure-torch Llama forward over the public weights, for the collision attack.
 
+Llama and the families the shield serves: q/k/v biases (Qwen2; Qwen3 and Llama where the
+checkpoint has them), Qwen3's per-head q/k RMSNorm before RoPE, Mistral's sliding window.
+
 The attacker needs, for each candidate next token, the K/V that the public model
 would cache at some layer given a prefix: one batched step over the candidates
 that shares the prefix's cache, stopping at that layer.
@@ -9,7 +12,8 @@ that shares the prefix's cache, stopping at that layer.
     k, v = fwd.candidate_kv(state, candidates, layer=15)  # [B, H_kv, d] each, K after RoPE (as vLLM caches it)
     state = fwd.extend(state, chosen_token)
 
-fp32 math; RoPE neox; grouped-query attention; SiLU MLP; tied or separate LM head.
+fp32 math; RoPE neox; grouped-query attention; SiLU MLP; tied or separate LM head;
+a position attends to the last `window` positions (itself included) where the model has a window.
 With round_to=torch.bfloat16 every activation a bf16 engine stores (norm outputs,
 projections, rotated q/k, attention output, residual stream, MLP) is rounded to bf16:
 the attacker's model of a bf16 engine's numerical drift, used to calibrate thresholds.
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .public_model import PublicModel, rms_norm
+from .public_model import PublicModel, head_projection, rms_norm
 
 
 @dataclass
@@ -49,10 +53,18 @@ class LlamaForward:
     def _layers(self) -> list[dict[str, torch.Tensor]]:
         names = (
             "input_layernorm.weight", "post_attention_layernorm.weight",
-            "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
             "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
         )  # fmt: skip
-        return [{n: self.public.weight(f"layers.{i}.{n}") for n in names} for i in range(self.shape.layers)]
+        return [
+            {**{n: self.public.weight(f"layers.{i}.{n}") for n in names}, **self.public.attention_weights(i)}
+            for i in range(self.shape.layers)
+        ]
+
+    def _attended(self, prefix: torch.Tensor) -> torch.Tensor:
+        """The rows of a prefix's cache [T, ...] that the next position attends to besides its own:
+        the last window - 1 (all of them without a window)."""
+        w = self.shape.window
+        return prefix if w is None else prefix[max(0, len(prefix) - (w - 1)) :]
 
     @functools.cached_property
     def _head(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,15 +75,16 @@ class LlamaForward:
         """x [N, D] -> q [N, H, d], k [N, H_kv, d] (both after RoPE), v [N, H_kv, d]."""
         s = self.shape
         h = self._r(rms_norm(x, w["input_layernorm.weight"], s.rms_eps))
-        q = self._r(h @ w["self_attn.q_proj.weight"].T).unflatten(-1, (s.heads, s.head_dim))
-        k = self._r(h @ w["self_attn.k_proj.weight"].T).unflatten(-1, (s.kv_heads, s.head_dim))
-        v = self._r(h @ w["self_attn.v_proj.weight"].T).unflatten(-1, (s.kv_heads, s.head_dim))
+        q, k, v = (self._r(head_projection(w, part, h, s)) for part in "qkv")
         return self._r(self.public.rotate(q, positions)), self._r(self.public.rotate(k, positions)), v
 
     def _finish_layer(self, w: dict, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual, o_proj and MLP: attn [N, H, d] -> next hidden [N, D]."""
         r = self._r
-        x = r(x + r(r(attn.flatten(1)) @ w["self_attn.o_proj.weight"].T))
+        out = r(attn.flatten(1)) @ w["self_attn.o_proj.weight"].T
+        if "self_attn.o_proj.bias" in w:
+            out = out + w["self_attn.o_proj.bias"]
+        x = r(x + r(out))
         h = r(rms_norm(x, w["post_attention_layernorm.weight"], self.shape.rms_eps))
         gate = torch.nn.functional.silu(r(h @ w["mlp.gate_proj.weight"].T))
         return r(x + r(r(gate * r(h @ w["mlp.up_proj.weight"].T)) @ w["mlp.down_proj.weight"].T))
@@ -90,6 +103,8 @@ class LlamaForward:
         x = self.public.embeddings[ids]
         state = PrefixState(tokens=list(tokens))
         mask = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+        if s.window is not None:
+            mask = mask.triu(-(s.window - 1))
         for w in self._layers:
             q, k, v = self._qkv(w, x, positions)
             state.k.append(k)
@@ -113,8 +128,8 @@ class LlamaForward:
             yield i, x, k, v
             if i == last_layer:
                 return
-            pk = state.k[i].repeat_interleave(group, 1)  # [T, H, d]
-            pv = state.v[i].repeat_interleave(group, 1)
+            pk = self._attended(state.k[i]).repeat_interleave(group, 1)  # [T, H, d] (T: within the window)
+            pv = self._attended(state.v[i]).repeat_interleave(group, 1)
             own_k, own_v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [B, H, d]
             scores = torch.cat(
                 (torch.einsum("bhd,thd->bht", q, pk), (q * own_k).sum(-1, keepdim=True)), dim=-1
@@ -145,7 +160,8 @@ class LlamaForward:
         s, w = self.shape, self._layers[last]
         q, _, _ = self._qkv(w, x, torch.tensor([len(state.tokens)]))
         group = s.heads // s.kv_heads
-        kk, vv = out.k[last].repeat_interleave(group, 1), out.v[last].repeat_interleave(group, 1)
+        kk = torch.cat((self._attended(state.k[last]), out.k[last][-1:])).repeat_interleave(group, 1)
+        vv = torch.cat((self._attended(state.v[last]), out.v[last][-1:])).repeat_interleave(group, 1)
         probs = (torch.einsum("bhd,thd->bht", q, kk) / s.head_dim**0.5).softmax(-1)
         x = self._finish_layer(w, x, torch.einsum("bht,thd->bhd", probs, vv))
         out.logits = self._logits(x[0])

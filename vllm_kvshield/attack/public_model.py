@@ -2,7 +2,9 @@
 
 The checkpoint folder (config.json, model.safetensors, tokenizer) is public; the
 key is not. Layer 0's K and V depend on the token only (K also on its position,
-through RoPE), so every vocabulary token's K/V is computable:
+through RoPE), so every vocabulary token's K/V is computable. Families: Llama,
+Qwen2 and Mistral (q/k/v biases where the checkpoint has them) and Qwen3 (q/k
+biases too, and a per-head RMSNorm on q and k before RoPE):
 
     pub = PublicModel.load("~/.cache/vllm-kvshield/SmolLM2-135M-Instruct")
     k0, v0 = pub.layer0_k, pub.layer0_v          # [V, H_kv, d] each; k0 before RoPE
@@ -17,12 +19,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from vllm_kvshield.families import sliding_window
 from vllm_kvshield.hf_config import attention_shape
+
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 @dataclass(frozen=True)
-class LlamaShape:
-    """The geometry of a Llama checkpoint that the attacks need."""
+class ModelShape:
+    """The geometry of a checkpoint that the attacks need."""
 
     vocab: int
     hidden: int
@@ -33,9 +38,11 @@ class LlamaShape:
     rope_theta: float
     rms_eps: float
     tied_embeddings: bool
+    qk_norm: bool = False  # Qwen3: q and k of each head RMS-normed (weight [d]) before RoPE
+    window: int | None = None  # sliding window (Mistral): a position attends to the last `window` positions
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "LlamaShape":
+    def from_config(cls, cfg: dict) -> "ModelShape":
         rope = cfg.get("rope_parameters") or {}
         if rope.get("rope_type", "default") != "default" or cfg.get("rope_scaling"):
             raise ValueError(f"rope scaling {rope or cfg.get('rope_scaling')!r} is not modelled; accepted: plain RoPE")
@@ -51,6 +58,8 @@ class LlamaShape:
             rope_theta=float(theta),
             rms_eps=float(cfg["rms_norm_eps"]),
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qk_norm=attention.qk_norm,
+            window=sliding_window(cfg),
         )
 
 
@@ -60,10 +69,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-class PublicModel:
-    """Public weights of a Llama checkpoint, read lazily from its safetensors, all math in fp32."""
+def head_projection(w: dict[str, torch.Tensor], part: str, x: torch.Tensor, shape: "ModelShape") -> torch.Tensor:
+    """q, k or v (before RoPE) of normed inputs x [..., D]: [..., H or H_kv, d].
 
-    def __init__(self, folder: Path, shape: LlamaShape):
+    w: one layer's tensors by name ("self_attn.k_proj.weight", optional ".bias", Qwen3's "self_attn.k_norm.weight").
+    """
+    y = x @ w[f"self_attn.{part}_proj.weight"].T
+    bias = w.get(f"self_attn.{part}_proj.bias")
+    if bias is not None:
+        y = y + bias
+    y = y.unflatten(-1, (shape.heads if part == "q" else shape.kv_heads, shape.head_dim))
+    norm = w.get(f"self_attn.{part}_norm.weight")
+    return y if norm is None else rms_norm(y, norm, shape.rms_eps)
+
+
+class PublicModel:
+    """Public weights of a checkpoint, read lazily from its safetensors, all math in fp32."""
+
+    def __init__(self, folder: Path, shape: ModelShape):
         self.folder = folder
         self.shape = shape
         self._files = sorted(folder.glob("*.safetensors"))
@@ -78,9 +101,12 @@ class PublicModel:
     def load(cls, folder: str | Path) -> "PublicModel":
         folder = Path(folder).expanduser()
         cfg = json.loads((folder / "config.json").read_text())
-        if cfg.get("model_type") != "llama":
-            raise ValueError(f"model_type {cfg.get('model_type')!r} in {folder}; accepted: 'llama'")
-        return cls(folder, LlamaShape.from_config(cfg))
+        if cfg.get("model_type") not in MODEL_TYPES:
+            raise ValueError(f"model_type {cfg.get('model_type')!r} in {folder}; accepted: {', '.join(MODEL_TYPES)}")
+        return cls(folder, ModelShape.from_config(cfg))
+
+    def has(self, name: str) -> bool:
+        return name in self._index or f"model.{name}" in self._index
 
     def weight(self, name: str) -> torch.Tensor:
         """One checkpoint tensor as fp32 (the prefix `model.` is optional)."""
@@ -110,12 +136,16 @@ class PublicModel:
         """The normed input of a layer's attention, [..., D]."""
         return rms_norm(hidden, self.weight(f"layers.{layer}.input_layernorm.weight"), self.shape.rms_eps)
 
+    def attention_weights(self, layer: int, parts: str = "qkvo") -> dict[str, torch.Tensor]:
+        """A layer's projection weights of `parts`, with the biases and q/k norm weights the checkpoint has."""
+        names = [f"self_attn.{p}_proj.{t}" for p in parts for t in ("weight", "bias")]
+        names += [f"self_attn.{p}_norm.weight" for p in parts if p in "qk"]
+        return {n: self.weight(f"layers.{layer}.{n}") for n in names if self.has(f"layers.{layer}.{n}")}
+
     def project_kv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k (before RoPE) and v of normed inputs x [..., D], each [..., H_kv, d]."""
-        s = self.shape
-        k = x @ self.weight(f"layers.{layer}.self_attn.k_proj.weight").T
-        v = x @ self.weight(f"layers.{layer}.self_attn.v_proj.weight").T
-        return k.unflatten(-1, (s.kv_heads, s.head_dim)), v.unflatten(-1, (s.kv_heads, s.head_dim))
+        w = self.attention_weights(layer, "kv")
+        return head_projection(w, "k", x, self.shape), head_projection(w, "v", x, self.shape)
 
     @functools.cached_property
     def _layer0(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Patch: check the kvshield config when vLLM builds its config, for every architecture.
 
 Why: vLLM picks the model class by architecture name, so with the flag on and a
-model the plugin does not serve (Qwen2, a Transformers-backend model, ...) no
+model the plugin does not serve (Gemma, a Transformers-backend model, ...) no
 plugin code runs and vLLM would silently serve it unshielded. No plugin hook
 sees the config of every model, so we wrap VllmConfig.try_verify_and_update_config,
 which VllmConfig.__post_init__ calls once in the front-end process, before any
@@ -10,8 +10,8 @@ Guarded: read against the versions below; on others it is still applied when the
 method exists (failing closed matters more), with a warning, and skipped with a
 warning when it does not.
 
-    python -m vllm.entrypoints.openai.api_server --model Qwen/Qwen2-0.5B \
-        --additional-config '{"kvshield": {}}'     # -> kvshield: architecture 'Qwen2ForCausalLM' ... not supported
+    python -m vllm.entrypoints.openai.api_server --model google/gemma-2-2b \
+        --additional-config '{"kvshield": {}}'     # -> kvshield: architecture 'Gemma2ForCausalLM' ... not supported
 """
 
 import functools
@@ -32,13 +32,13 @@ def check(vllm_config) -> None:
     matrices aligned with vLLM's batch (request_keys.py): the front end validates requests
     with it, and every worker's model runner builds it from the same model config.
     """
-    from vllm_kvshield import registered_architectures
+    from vllm_kvshield import registered_families
     from vllm_kvshield.config import ShieldConfig, check_supported
 
     shield = None if vllm_config.model_config is None else ShieldConfig.from_vllm_config(vllm_config)
     if shield is None:
         return
-    check_supported(vllm_config, registered_architectures())
+    check_supported(vllm_config, registered_families())
     if shield.mode == "per-request":
         processors = list(vllm_config.model_config.logits_processors or [])
         if KEY_ROWS_PROCESSOR not in processors:
@@ -53,7 +53,7 @@ def install() -> None:
     if original is None:
         logger.warning(
             "kvshield: vLLM %s has no VllmConfig.try_verify_and_update_config; the front-end config check is not "
-            "installed, so a non-Llama model with the kvshield flag would be served unshielded. Use `kvshield serve`.",
+            "installed, so a model the shield does not serve, with the kvshield flag, would be served unshielded. Use `kvshield serve`.",
             vllm.__version__,
         )
         return
