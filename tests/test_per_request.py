@@ -48,26 +48,38 @@ def user(prompts):
     return [[{"role": "user", "content": p}] for p in prompts]
 
 
-def test_flag_turns_per_request_on(engines):
-    st = engines.get("per-request").apply_model(shield_status)[0]
+KEY = bytes(range(7, 39))
+
+
+@pytest.fixture(scope="session")
+def per_request(engines, tmp_path_factory):
+    """The session's per-request engine, under a known key (so its blocks can be predicted)."""
+    path = tmp_path_factory.mktemp("per-request-key") / "k.key"
+    path.write_bytes(KEY)
+    path.chmod(0o600)
+    return engines.get("per-request", key_file=str(path))
+
+
+def test_flag_turns_per_request_on(per_request):
+    st = per_request.apply_model(shield_status)[0]
     assert st == {"model_class": "KVShieldLlamaForCausalLM", "enabled": True, "mode": "per-request", "layers_shielded": 30}
 
 
-def test_greedy_equals_plain_with_many_requests_in_a_batch(engines):
+def test_greedy_equals_plain_with_many_requests_in_a_batch(engines, per_request):
     """24 chats in one batch (each its own key): fp32 greedy tokens as plain's on at least 20 (the bound), all seen so far."""
     messages = user(data.chat_prompts()[:24])
     plain, _ = greedy(engines.get("none"), messages)
-    shielded, _ = greedy(engines.get("per-request"), messages)
+    shielded, _ = greedy(per_request, messages)
     same = sum(a == b for a, b in zip(plain, shielded))
     assert same >= 20, f"{same}/24 chats identical"
 
 
-def test_teacher_forced_logprobs_within_1e_4(engines):
+def test_teacher_forced_logprobs_within_1e_4(engines, per_request):
     """Every prompt position of 12 chats (one batch), fp32: |logprob - plain's| < 1e-4, same top-1."""
     tok = engines.get("none").get_tokenizer()
     chunks = [chat_ids(tok, m) for m in user(data.chat_prompts()[24:36])]
     plain = quality.score(engines.get("none"), chunks)
-    shielded = quality.score(engines.get("per-request"), chunks)
+    shielded = quality.score(per_request, chunks)
     diff = (plain.logprobs - shielded.logprobs).abs()
     assert diff.max() < 1e-4, f"max |logprob diff| {diff.max():.3g} over {diff.numel()} positions"
     assert torch.equal(plain.top1, shielded.top1)
@@ -91,15 +103,14 @@ def test_chunked_prefill_and_preemption_equal_plain(engines):
     assert answers["per-request"] == answers["none"]
 
 
-def test_prefix_hits_within_a_tenant_only(engines):
+def test_prefix_hits_within_a_tenant_only(engines, per_request):
     """Tenants a and b share a long system prompt with unsalted requests. Round 1 fills the cache, round 2
     reuses it: answers equal plain's; tenants hit their own blocks, requests without a salt never hit."""
     messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in data.chat_prompts()[8:16]]
     salts = ["tenant-a"] * 4 + ["tenant-b"] * 2 + [None] * 2
     assert len(messages) == len(salts)
     rounds = {}
-    for mode in ("none", "per-request"):
-        llm = engines.get(mode)
+    for mode, llm in (("none", engines.get("none")), ("per-request", per_request)):
         first, _ = greedy(llm, messages, salts)
         second, outs = greedy(llm, messages, salts)
         rounds[mode] = (first, second, [o.num_cached_tokens for o in outs])
@@ -110,9 +121,9 @@ def test_prefix_hits_within_a_tenant_only(engines):
     assert cached[6:] == [0, 0], f"requests without a salt must never share blocks: {cached}"
 
 
-def test_tenants_never_read_each_others_blocks(engines):
+def test_tenants_never_read_each_others_blocks(per_request):
     """The same prompt under two salts: no prefix hit across them, and different cached rows."""
-    llm = engines.get("per-request")
+    llm = per_request
     messages = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": PRIVATE}]]
     greedy(llm, messages, ["tenant-x"], max_tokens=1)
     _, outs = greedy(llm, messages, ["tenant-y"], max_tokens=1)
@@ -139,15 +150,11 @@ def match_rows(seen: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
     return torch.cdist(seen.double(), want.double()).argmin(1)
 
 
-def test_blocks_hold_the_requests_key_shuffled(engines, tmp_path):
+def test_blocks_hold_the_requests_key_shuffled(engines, per_request):
     """Under a key file and a tenant salt, every cached row is the plain row under the static and
     the tenant's matrices (fp32 tolerance), at a slot that is a permutation of its position; two
     tenants with the same prompt cache different rows."""
-    key = bytes(range(7, 39))
-    path = tmp_path / "k.key"
-    path.write_bytes(key)
-    path.chmod(0o600)
-    plain_llm, llm = engines.get("none"), engines.get("per-request", key_file=str(path))
+    key, plain_llm, llm = KEY, engines.get("none"), per_request
     ids = plain_llm.get_tokenizer().encode(PRIVATE)
     k0, v0 = kvcache.prompt_kv(plain_llm, ids, LAYERS)  # [L, T, H, d]
     k1, v1 = observe(llm, ids, "tenant-k", LAYERS)
@@ -169,8 +176,8 @@ def test_blocks_hold_the_requests_key_shuffled(engines, tmp_path):
         assert not torch.allclose(k1[i], k2[i], atol=1e-2), "two tenants cached the same rows"
 
 
-def test_two_fresh_requests_with_one_prompt_cache_different_rows(engines):
-    llm = engines.get("per-request")
+def test_two_fresh_requests_with_one_prompt_cache_different_rows(per_request):
+    llm = per_request
     ids = llm.get_tokenizer().encode(PRIVATE)
     a = kvcache.prompt_kv(llm, ids, [0])
     b = kvcache.prompt_kv(llm, ids, [0])
@@ -197,5 +204,5 @@ def attention_isa(model) -> str:
     return model.model.layers[0].self_attn.attn.isa
 
 
-def test_shuffled_isas_are_what_the_engine_uses(engines):
-    assert engines.get("per-request").apply_model(attention_isa)[0] in cache_shuffle.SHUFFLABLE_ISAS
+def test_shuffled_isas_are_what_the_engine_uses(per_request):
+    assert per_request.apply_model(attention_isa)[0] in cache_shuffle.SHUFFLABLE_ISAS

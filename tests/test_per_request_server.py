@@ -1,8 +1,10 @@
 """Mode per-request behind vLLM's OpenAI server: concurrent chats (tenants and lone requests) answer as plain
-vLLM does, /metrics counts the request keys, and a client cannot choose a key id.
+vLLM does, /metrics counts the request keys, a client cannot choose a key id, and once the enclave is gone
+the server stops instead of serving a request it cannot key.
 
-One `kvshield serve --mode per-request` (eager, float32); the reference answers come from the session's
-plain offline engine (same weights, same chat template, greedy).
+One `kvshield serve --mode per-request` (eager, float32), in a TMPDIR of its own (tests/enclave_killer.py
+finds its Ray there); the reference answers come from the session's plain offline engine (same weights,
+same chat template, greedy). The enclave is killed by the last test.
 """
 
 import concurrent.futures
@@ -12,7 +14,7 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_metrics import scrape
+from test_metrics import killed_layers, private_tmpdir, run_killer, scrape
 from test_serve import SERVED_NAME, ServeProcess, free_port, post
 
 from vllm_kvshield import data
@@ -20,18 +22,25 @@ from vllm_kvshield import data
 ENGINE = ["--enforce-eager", "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 << 20)]
 MAX_TOKENS = 16
 CONCURRENCY = 16
+# The first test also starts the server (and the plain engine): more than the default per-test timeout.
+STARTS_A_SERVER = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    proc = ServeProcess(["--mode", "per-request", "--port", str(port), *ENGINE])
+def served():
+    port, tmpdir = free_port(), private_tmpdir()
+    proc = ServeProcess(["--mode", "per-request", "--port", str(port), *ENGINE], env={"TMPDIR": tmpdir})
     try:
         ready = proc.wait_for_ready_or_exit()
         assert ready and "mode=per-request" in ready, proc.stderr[-10:]
-        yield port
+        yield port, proc, tmpdir
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def server(served) -> int:
+    return served[0]
 
 
 def bodies() -> list[dict]:
@@ -44,6 +53,7 @@ def bodies() -> list[dict]:
     return out
 
 
+@STARTS_A_SERVER
 def test_concurrent_chats_answer_as_plain_vllm(server, engines):
     from vllm import SamplingParams
 
@@ -69,3 +79,16 @@ def test_a_client_cannot_choose_a_key_id(server):
         post(f"http://127.0.0.1:{server}/v1/chat/completions", body)
     assert err.value.code == 400
     assert "kvshield_key_id" in json.loads(err.value.read().decode())["error"]["message"]
+
+
+def test_without_its_enclave_the_server_stops_rather_than_serve_a_new_request(served):
+    """Last: a new request needs a key from the enclave; with the enclave killed, the request fails and
+    the server exits with the reason, having answered nothing unshielded."""
+    port, proc, tmpdir = served
+    assert killed_layers(run_killer("now", tmpdir)) == 30
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Tell me a secret."}], "max_tokens": 8}
+    with pytest.raises((urllib.error.HTTPError, urllib.error.URLError, ConnectionError)):
+        post(f"http://127.0.0.1:{port}/v1/chat/completions", body)
+    assert proc.finish() != 0
+    printed = "\n".join(proc.stdout + proc.stderr)
+    assert "mode per-request cannot key new requests; refusing to serve them" in printed, printed[-3000:]

@@ -99,12 +99,12 @@ def connect(cfg: ShieldConfig, name: str):
     return handle
 
 
-def call(handle, method: str, *args, timeout: float = CALL_TIMEOUT_S):
-    """One enclave call; a dead, failing or silent enclave becomes a ShieldError."""
+def call(handle, method: str, *args, timeout: float = CALL_TIMEOUT_S, refusing: str = "refusing to start unshielded"):
+    """One enclave call; a dead, failing or silent enclave becomes a ShieldError (`refusing`: what then stops)."""
     try:
         return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
     except ray.exceptions.RayActorError as e:
-        raise ShieldError(f"kvshield: the enclave actor is gone ({error_cause(e)}); refusing to start unshielded") from None
+        raise ShieldError(f"kvshield: the enclave actor is gone ({error_cause(e)}); {refusing}") from None
     except ray.exceptions.GetTimeoutError:
         raise ShieldError(f"kvshield: the enclave did not answer {method} within {timeout:.0f} s") from None
     except ray.exceptions.RayTaskError as e:
@@ -117,5 +117,9 @@ def transform(handle, layer: int, shape: transforms.AttentionShape, tensors: dic
 
 
 def request_seeds(handle, key_ids: list[str]) -> list[bytes]:
-    """The seeds of new requests' runtime matrices (mode per-request), one enclave round trip."""
-    return call(handle, "request_seeds", key_ids)
+    """The seeds of new requests' runtime matrices (mode per-request), one enclave round trip.
+
+    Unlike the load, this runs while serving: without its enclave the server cannot key a new
+    request, and stops rather than serve one unshielded.
+    """
+    return call(handle, "request_seeds", key_ids, refusing="mode per-request cannot key new requests; refusing to serve them")

@@ -68,7 +68,8 @@ def _apply(x: torch.Tensor, layer: int, part: str, heads: int) -> torch.Tensor:
     mats = request_keys.current().layer(layer)[PARTS[part]]  # [R, H, d, d]
     d = mats.shape[-1]
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    out[_plan.num_tokens :] = 0  # padding tokens
+    if x.shape[0] > _plan.num_tokens:
+        out[_plan.num_tokens :] = 0  # padding tokens
     xs, outs = x.view(x.shape[0], heads, -1, d), out.view(x.shape[0], heads, -1, d)  # [T, H, g, d]
     for first, end, token in _plan.runs:
         n = end - first

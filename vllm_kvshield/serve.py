@@ -32,7 +32,7 @@ from .shield_status import ShieldStatus
 PRESTART_MODULE = "vllm_kvshield.server_entry"
 STARTING_MESSAGE = "kvshield: starting vLLM"  # printed once the checked arguments are handed over
 
-KVSHIELD_MESSAGE = re.compile(r"kvshield: .*")
+KVSHIELD_MESSAGE = re.compile(r"(?<![\w\"'])kvshield: .*")  # not the source line of a traceback (f"kvshield: ...)
 VALIDATION_SUFFIX = re.compile(r" \[type=\w+, input_value=.*$")  # pydantic's, when vLLM's config check re-raises
 QUIET_LEVELS = re.compile(r"\b(INFO|DEBUG)\b")  # a kvshield line logged at these levels is not an error
 HEALTH_POLL_S = 1.0
