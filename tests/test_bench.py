@@ -137,8 +137,8 @@ def test_quick_profile_keeps_the_issues_shapes():
     assert {(128, 128), (512, 64)} <= shapes and any(s.kind == "chat" for s in quick.prompt_sets)
     assert quick.dtype == "bfloat16" and quick.repetitions >= 2
     assert not full.enforce_eager  # the quotable profile measures vLLM's compiled default
-    # issue 11: served at 1, 8, 32 and 128 in flight (quick: 1 and 32), offline with 32 at once; the bound's point in both
-    assert full.in_flight == (1, 8, 32, 128) and quick.in_flight == (1, 32)
+    # issue 11: served at 1, 8, 32 and 128 in flight, offline with 32 at once; the bound's point in both
+    assert full.in_flight == quick.in_flight == (1, 8, 32, 128)
     for p in (full, quick):
         assert p.target_in_flight == 32 and 32 in p.in_flight
         assert [s.prompts for s in p.in_flight_sets] == [32]
@@ -324,9 +324,13 @@ def test_per_request_material_figures(smoke, model_path):
     assert held["row_bytes"] == expected and held["row_bytes_match_formula"] is True and held["dtype"] == "bfloat16"
     assert held["bytes"] == held["rows"] * held["row_bytes"]
     assert held["rows"] >= max(p["prompts"] for p in result["prompt_sets"]) and held["rows"] <= held["max_rows"]
-    assert set(m["generation"]) == {str(n) for n in s["material_batches"]}
+    batches = {str(n) for n in s["material_batches"]}
+    assert set(m["generation_one_thread"]) == set(m["decode_step_one_thread"]) == batches <= set(result["plain_decode_step_s"])
     assert all(x["seconds"] > 0 and x["qr_per_request"] == 4 * config["num_hidden_layers"] * kv_heads
-               for x in m["generation"].values())
+               for x in m["generation_one_thread"].values())
+    assert all(x["mix_unmix_s"] > 0 and x["shuffle_s"] > 0 for x in m["decode_step_one_thread"].values())
+    assert {x["torch_threads"] for x in m["decode_step_one_thread"].values()} == {1}
+    assert "decode_step" not in m  # the smoke profile skips the default-threads timing (minutes on a busy machine)
     server = m["server"]
     assert server["row_mib_logged"] == pytest.approx(expected / material.MiB, abs=0.005)
     assert server["max_in_flight"] == max(c for c, _ in s["serving_sweep"])

@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="eager engines, small sets, 2 rounds, servers plain and per-request once each, sweep at 1 and 32 in flight (< 10 min)")
+    size.add_argument("--quick", action="store_true", help="eager engines, small sets, 2 rounds, servers plain and per-request once each, one wave at 1, 8, 32, 128 in flight")
     size.add_argument("--smoke", action="store_true", help="seconds-sized settings for the test suite (numbers meaningless)")
     p.add_argument("--modes", default=",".join(COMPARED_MODES), help=f"comma-separated, 'none' included (default {','.join(COMPARED_MODES)})")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")

@@ -7,12 +7,15 @@ the model's dtype (SmolLM2-135M in bf16: 4 * 30 * 3 * 64^2 * 2 B = 2.81 MiB).
     held = llm.apply_model(held_material)[0]   # in the worker: row bytes, rows held, bytes held
     request_bytes(layers=30, kv_heads=3, head_dim=64, dtype_bytes=2)      # 2949120
     generation_seconds(layers=30, kv_heads=3, head_dim=64, batches=(1, 32), repeats=3)
+    step_seconds(layers=30, q_heads=9, kv_heads=3, head_dim=64, batch=32, dtype=torch.bfloat16, repeats=5)
     decode_step_bytes(LLAMA3_8B, batch=256, context=0)                    # weights, KV, matrices per step
 """
 
 import secrets
 import time
 from dataclasses import dataclass
+
+import torch
 
 from .. import transforms
 from . import stats
@@ -54,8 +57,45 @@ def generation_seconds(layers: int, kv_heads: int, head_dim: int, batches: tuple
             transforms.request_material(seeds, range(layers), range(kv_heads), head_dim)
             times.append(time.perf_counter() - t0)
         out[str(n)] = {"requests": n, "seconds": stats.median(times), "per_request_s": stats.median(times) / n,
-                       "qr_per_request": 4 * layers * kv_heads, "repeats": repeats}
+                       "qr_per_request": 4 * layers * kv_heads, "repeats": repeats, "torch_threads": torch.get_num_threads()}
     return out
+
+
+def step_seconds(layers: int, q_heads: int, kv_heads: int, head_dim: int, batch: int, dtype, repeats: int) -> dict:
+    """Seconds one decode step of `batch` requests (one token each, each in its own block) spends in mode
+    per-request's own work, with the worker's functions on synthetic tensors in this process: request_mix and
+    request_unmix for every layer (q, k, v, o times the row's matrices), and the row shuffle of every layer's
+    cache (cache_shuffle.shuffle_step). Median over repeats. The mixes' inputs are random, as the timing needs."""
+    from .. import cache_shuffle, request_keys, request_mix
+
+    block_size = 128
+    rows = request_keys.RequestKeyRows(range(layers), range(kv_heads), head_dim, max_rows=batch, dtype=dtype,
+                                       device="cpu", seeds=lambda ids: [secrets.token_bytes(transforms.KEY_BYTES) for _ in ids])
+    rows.material = torch.randn(layers, 4, batch, kv_heads, head_dim, head_dim).to(dtype)
+    q = torch.randn(batch, q_heads * head_dim).to(dtype)
+    k, v = torch.randn(batch, kv_heads * head_dim).to(dtype), torch.randn(batch, kv_heads * head_dim).to(dtype)
+    caches = [torch.zeros(batch, kv_heads, block_size, 2 * head_dim, dtype=dtype) for _ in range(layers)]
+    starts, seq_lens = list(range(batch + 1)), [block_size // 2] * batch  # row r: its one new token in block r
+    block_table = torch.arange(batch)[:, None]
+    saved_rows = request_keys._rows
+    request_keys.install(rows)
+    request_mix.begin_step(request_mix.StepPlan.from_query_start_loc(starts))
+    mix, shuffle = [], []
+    try:
+        for _ in range(repeats + 1):  # the first: warm-up
+            t0 = time.perf_counter()
+            for layer in range(layers):
+                request_mix.request_mix(q, k, v, layer, kv_heads)
+                request_mix.request_unmix(q, layer, kv_heads)
+            t1 = time.perf_counter()
+            cache_shuffle.shuffle_step(caches, starts, seq_lens, block_table, cache_shuffle.fresh_generator())
+            mix.append(t1 - t0)
+            shuffle.append(time.perf_counter() - t1)
+    finally:
+        request_mix.begin_step(None)
+        request_keys._rows = saved_rows
+    return {"batch": batch, "mix_unmix_s": stats.median(mix[1:]), "shuffle_s": stats.median(shuffle[1:]), "repeats": repeats,
+            "torch_threads": torch.get_num_threads()}
 
 
 @dataclass(frozen=True)

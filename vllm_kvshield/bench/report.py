@@ -172,9 +172,22 @@ def _material(r: dict) -> list[str]:
             "",
         ]
         lines += _table(
-            ["requests at once", "seconds", "per request (ms)", "QRs of d x d per request"],
-            [[x["requests"], f"{x['seconds']:.3f}", f"{x['per_request_s'] * 1e3:.1f}", x["qr_per_request"]]
-             for x in m["generation"].values()],
+            ["requests at once", "torch threads", "seconds", "per request (ms)", "QRs of d x d per request"],
+            [[x["requests"], x["torch_threads"], f"{x['seconds']:.3f}", f"{x['per_request_s'] * 1e3:.1f}", x["qr_per_request"]]
+             for key in ("generation", "generation_one_thread") for x in m.get(key, {}).values()],
+        )
+        decode = {str(b): t for b, t in r.get("plain_decode_step_s", {}).items()}
+        lines += [
+            "A decode step's own per-request work (`material.step_seconds`: the worker's `request_mix` / "
+            "`request_unmix` for every layer and `cache_shuffle.shuffle_step`, on synthetic tensors in the bench "
+            f"process, {m['dtype']}, one new token per request), next to plain vLLM's whole decode step at that batch:",
+            "",
+        ]
+        lines += _table(
+            ["batch", "mix + unmix, all layers (ms)", "shuffle, all layers (ms)", "torch threads", "plain decode step (ms)"],
+            [[x["batch"], f"{x['mix_unmix_s'] * 1e3:.1f}", f"{x['shuffle_s'] * 1e3:.1f}", x["torch_threads"],
+              f"{decode[b] * 1e3:.1f}" if b in decode else "not measured"]
+             for key in ("decode_step", "decode_step_one_thread") for b, x in m.get(key, {}).items()],
         )
     if "offline" in m:
         o = m["offline"]

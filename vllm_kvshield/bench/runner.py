@@ -33,7 +33,6 @@ SCHEMA_VERSION = 2  # 2: server kinds named by mode, the serving sweep, in-fligh
 QUIET_FOREIGN_CORES = 0.2  # CPU used by other processes of the machine above which timings are marked preliminary
 THROUGHPUT_TARGETS = {"permute": 0.99, "mix-v": 0.99, "mix": 0.97}
 STARTUP_OVERHEAD_TARGET = 0.15
-MATERIAL_REPEATS = 3
 
 
 def run_offline(model: str, tokenizer, settings: Settings, log) -> dict:
@@ -45,9 +44,11 @@ def run_offline(model: str, tokenizer, settings: Settings, log) -> dict:
         log(f"idle CPU of every engine (with its Ray) over {settings.idle_seconds:.0f} s")
         idle = idle_cpu(groups, settings.idle_seconds)  # after the rounds: every engine (and Ray) long settled
         decode = {}
-        if "ablation" in settings.sections:
-            log("plain decode step times (reference for the ablation)")
-            for batch in settings.ablation_batches:
+        batches = sorted({*(settings.ablation_batches if "ablation" in settings.sections else ()),
+                          *(settings.material_batches if PER_REQUEST in settings.modes else ())})
+        if batches:
+            log(f"plain decode step times at batch {', '.join(map(str, batches))} (reference for the ablation and per-request's step work)")
+            for batch in batches:
                 decode[str(batch)] = throughput.decode_step_seconds(
                     engines.llms[PLAIN_MODE], len(tokenizer), batch, settings.decode_step_tokens, settings.seed
                 )
@@ -71,24 +72,42 @@ def run_offline(model: str, tokenizer, settings: Settings, log) -> dict:
 
 
 def material_figures(model: str, settings: Settings, log) -> dict:
-    """Mode per-request's matrices: one request's bytes (4 L H_kv d^2 in the model's dtype) and the time to
-    generate them for n requests at once, in this process (run once every offline engine is shut down)."""
+    """Mode per-request's matrices: one request's bytes (4 L H_kv d^2 in the model's dtype), the time to generate
+    them for n requests at once and a decode step's own per-request work, in this process (run once every
+    offline engine is shut down) with torch's threads as vLLM's worker has them, and with one thread (small ops
+    on two threads wait on each other when other processes hold the cores)."""
+    import torch
+
     hf_config = read_hf_config(model)
     shape = attention_shape(hf_config)
     layers = hf_config["num_hidden_layers"]
-    log(f"per-request matrices: generating them for {', '.join(map(str, settings.material_batches))} requests at once")
-    import torch
-
-    dtype_bytes = getattr(torch, settings.dtype).itemsize
-    return {
+    dtype = getattr(torch, settings.dtype)
+    out = {
         "layers": layers,
         "kv_heads": shape.num_kv_heads,
         "head_dim": shape.head_dim,
         "dtype": settings.dtype,
-        "request_bytes": material.request_bytes(layers, shape.num_kv_heads, shape.head_dim, dtype_bytes),
-        "generation": material.generation_seconds(layers, shape.num_kv_heads, shape.head_dim, settings.material_batches,
-                                                  MATERIAL_REPEATS),
+        "request_bytes": material.request_bytes(layers, shape.num_kv_heads, shape.head_dim, dtype.itemsize),
     }
+    threads = torch.get_num_threads()
+    runs = [("_one_thread", 1, settings.material_batches)]
+    if settings.material_default_threads:  # the smallest batch only: on a busy machine this can take minutes
+        runs.insert(0, ("", threads, settings.material_batches[:1]))
+    for suffix, n_threads, batches in runs:
+        log(f"per-request matrices on {n_threads} thread(s): generation for {', '.join(map(str, batches))} "
+            "requests at once, a decode step's mix, unmix and shuffle")
+        torch.set_num_threads(n_threads)
+        try:
+            out["generation" + suffix] = material.generation_seconds(
+                layers, shape.num_kv_heads, shape.head_dim, batches, settings.material_repeats)
+            out["decode_step" + suffix] = {
+                str(n): material.step_seconds(layers, shape.num_heads, shape.num_kv_heads, shape.head_dim, n, dtype,
+                                              settings.material_repeats)
+                for n in batches
+            }
+        finally:
+            torch.set_num_threads(threads)
+    return out
 
 
 def run_servers(model: str, tokenizer, settings: Settings, log_dir: str, log) -> dict:

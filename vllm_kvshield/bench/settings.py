@@ -47,6 +47,8 @@ class Settings:
     idle_seconds: float = 20.0  # CPU the idle engines (and the bench's Ray) use, measured over this window
     decode_step_tokens: int = 64  # plain decode step time at the ablation's batch sizes (reference for the ablation)
     material_batches: tuple[int, ...] = (1, 32, 128)  # per-request matrices generated for this many requests at once (timed)
+    material_repeats: int = 3  # timed repeats of each (median), after one untimed decode-step pass
+    material_default_threads: bool = True  # also time the smallest batch on torch's default threads (as the worker)
     # quality (teacher-forced, shipped text)
     quality_text: str = "alice"
     quality_chunks: int = 40
@@ -94,10 +96,9 @@ SMOKE_SETS = (
     PromptSet("chat-8", "chat", prompts=2, input_len=None, output_len=8),
 )
 
-SMALL = dict(  # quick and smoke: eager, plain and per-request servers once each, 32 in flight at most (64 blocks of 91)
+SMALL = dict(  # quick and smoke: eager, plain and per-request servers once each
     enforce_eager=True,  # a compiled engine takes 1-5 min to start here; the full profile measures compiled
     server_modes=(PER_REQUEST,),
-    server_kv_cache_memory_bytes=256 << 20,
     server_rounds=1,
     server_warmup_starts=0,
     serving_warmups=1,
@@ -118,14 +119,15 @@ PROFILES = {
         repetitions=2,
         idle_seconds=5.0,
         material_batches=(1, 32),
+        material_repeats=2,
         quality_chunks=4,
-        serving_sweep=((1, 2), (32, 32)),
+        serving_sweep=((1, 2), (8, 8), (32, 32), (128, 128)),  # issue 11's points, one wave each
         serving_output_len=64,
         ablation_steps=20,
         **SMALL,
         notes=("quick profile: eager engines and servers (not vLLM's compiled default), small prompt sets, 2 rounds, "
                "4 quality chunks, servers plain and per-request only, one start each (no warm-up start), "
-               "serving sweep at 1 and 32 in flight only",),
+               "serving sweep of one wave per in-flight count (as many requests as in flight; 2 at 1)",),
     ),
     "smoke": Settings(
         profile="smoke",
@@ -136,11 +138,14 @@ PROFILES = {
         max_model_len=512,
         idle_seconds=1.0,
         decode_step_tokens=4,
-        material_batches=(1, 2),
+        material_batches=(2,),
+        material_repeats=1,
+        material_default_threads=False,
         quality_chunks=2,
         quality_length=64,
         serving_sweep=((1, 1), (2, 2)),
         serving_output_len=4,
+        server_kv_cache_memory_bytes=256 << 20,
         ablation_steps=2,
         **SMALL,
         ablation_batches=(1, 2),
