@@ -168,7 +168,8 @@ def _material(r: dict) -> list[str]:
             "(a decode step reads every row of its batch).",
             "",
             "Generating them (`transforms.request_material`, fp32, in the bench process with the engines shut down; "
-            "the worker does this in the step that adds the requests to its batch):",
+            "the worker does this in the step that adds the requests to its batch, on one thread: vLLM's CPU worker "
+            "binds its OpenMP threads to core 0 and reserves core 1 on this 2-core machine):",
             "",
         ]
         lines += _table(

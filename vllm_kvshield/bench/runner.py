@@ -74,8 +74,9 @@ def run_offline(model: str, tokenizer, settings: Settings, log) -> dict:
 def material_figures(model: str, settings: Settings, log) -> dict:
     """Mode per-request's matrices: one request's bytes (4 L H_kv d^2 in the model's dtype), the time to generate
     them for n requests at once and a decode step's own per-request work, in this process (run once every
-    offline engine is shut down) with torch's threads as vLLM's worker has them, and with one thread (small ops
-    on two threads wait on each other when other processes hold the cores)."""
+    offline engine is shut down) on one thread, as vLLM's CPU worker runs on a 2-core machine (its OMP threads
+    bound to core 0, core 1 reserved), and, for the smallest batch, on this process's default torch threads (small
+    ops on two threads wait on each other when other processes hold the cores)."""
     import torch
 
     hf_config = read_hf_config(model)

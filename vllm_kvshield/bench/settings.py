@@ -48,7 +48,7 @@ class Settings:
     decode_step_tokens: int = 64  # plain decode step time at the ablation's batch sizes (reference for the ablation)
     material_batches: tuple[int, ...] = (1, 32, 128)  # per-request matrices generated for this many requests at once (timed)
     material_repeats: int = 3  # timed repeats of each (median), after one untimed decode-step pass
-    material_default_threads: bool = True  # also time the smallest batch on torch's default threads (as the worker)
+    material_default_threads: bool = True  # also time the smallest batch on the bench process's default torch threads
     # quality (teacher-forced, shipped text)
     quality_text: str = "alice"
     quality_chunks: int = 40
