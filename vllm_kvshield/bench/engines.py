@@ -5,9 +5,12 @@ Each shielded engine's worker starts a private Ray for its enclave, as a server'
 shared by several engines' workers made their idle Ray threads spin in Ray 2.60 and slowed the
 other modes' runs). A shielded engine counts only once its enclave actor reports that mode and
 every layer transformed: a benchmark of an engine that silently ran unshielded would be meaningless.
+Every engine may run a function in its worker (LLM.apply_model, VLLM_ALLOW_INSECURE_SERIALIZATION=1,
+set alike for all): the bench reads the per-request matrices a per-request worker holds.
 
     with OfflineEngines(model, settings, log) as engines:
         engines.llms["mix"].generate(...)
+        engines.held_material("per-request")   # {"row_bytes": ..., "rows": ..., "bytes": ...}
     with RayCluster():  # the ablation's actor
         ...
 """
@@ -22,9 +25,14 @@ from .. import ray_session
 from ..config import PLAIN_MODE, ShieldError, additional_config
 from ..enclave import call, enclave_name
 from ..shield_status import ShieldStatus
-from .settings import Settings
+from .material import held_material
+from .settings import PER_REQUEST, Settings
 
 RAY_NAMESPACE = "kvshield-bench"
+ENVIRONMENT = {
+    "RAY_ADDRESS": "local",  # each shielded engine's worker starts its own Ray
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # LLM.apply_model (the bench's own functions, in its own engines)
+}
 
 
 class RayCluster:
@@ -123,8 +131,8 @@ class OfflineEngines:
     def __enter__(self) -> "OfflineEngines":
         from vllm import LLM
 
-        self._saved_address = os.environ.get("RAY_ADDRESS")
-        os.environ["RAY_ADDRESS"] = "local"  # each shielded engine's worker starts its own Ray
+        self._saved_environment = {name: os.environ.get(name) for name in ENVIRONMENT}
+        os.environ.update(ENVIRONMENT)
         try:
             for mode in self.settings.modes:
                 self.log(f"starting the {mode!r} engine")
@@ -152,14 +160,20 @@ class OfflineEngines:
             raise ShieldError(f"kvshield: the {mode!r} engine's enclave reports {problem}")
         return info
 
+    def held_material(self, mode: str) -> dict:
+        """Mode per-request: the request matrices its worker holds now (material.held_material)."""
+        assert mode == PER_REQUEST, f"mode {mode!r} holds no per-request matrices"
+        return self.llms[mode].apply_model(held_material)[0]
+
     def close(self) -> None:
         for llm in self.llms.values():
             llm.llm_engine.engine_core.shutdown()
         self.llms.clear()
-        if self._saved_address is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = self._saved_address
+        for name, value in self._saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
     def __exit__(self, *exc) -> None:
         self.close()

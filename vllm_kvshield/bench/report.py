@@ -8,7 +8,10 @@ Every figure in bench.md is read from the result dict; nothing is typed in by ha
 import json
 import os
 
+from .settings import PER_REQUEST, PER_REQUEST_TARGET
+
 GiB = 1 << 30
+MiB = 1 << 20
 
 
 def write(result: dict, out_dir: str) -> list[str]:
@@ -72,7 +75,8 @@ def markdown(r: dict) -> str:
                 "",
             ]
     for key, section in (("throughput", _throughput), ("quality", _quality), ("kv_capacity_tokens", _capacity),
-                         ("startup", _startup), ("enclave_transform", _enclave), ("serving", _serving), ("ablation", _ablation)):
+                         ("startup", _startup), ("enclave_transform", _enclave), ("serving", _serving),
+                         ("material", _material), ("ablation", _ablation)):
         if r.get(key):
             lines += section(r)
     lines += ["## Regenerate", "", "```sh", r["command"], "```", "", "See `benchmarks/README.md`.", ""]
@@ -106,8 +110,10 @@ def _setup(r: dict) -> list[str]:
 
 def _throughput(r: dict) -> list[str]:
     tp, s = r["throughput"], r["settings"]
+    in_flight = {p["name"] for p in s["in_flight_sets"]}
     sets = ", ".join(
-        f"`{p['name']}` ({p['prompts']} prompts, {p['prompt_tokens']} prompt tokens, {p['output_len']} output tokens each)"
+        f"`{p['name']}` ({p['prompts']} prompts, {p['prompt_tokens']} prompt tokens, {p['output_len']} output tokens each"
+        + (", in-flight set" if p["name"] in in_flight else "") + ")"
         for p in r["prompt_sets"]
     )
     lines = [
@@ -117,7 +123,8 @@ def _throughput(r: dict) -> list[str]:
         f"{'eager' if s['enforce_eager'] else 'compiled (vLLM default)'}, {s['dtype']}, "
         f"kv_cache_memory_bytes={s['kv_cache_memory_bytes']}. Sets: {sets}. All engines alive in one process, each shielded one with its own Ray; "
         f"one untimed warm-up pass, then {s['repetitions']} rounds, each running every set on every mode with the mode "
-        "order rotated per round. tokens/s = (prompt + output tokens) / seconds, all sets of a round together; "
+        "order rotated per round. tokens/s = (prompt + output tokens) / seconds, all sets of a round together "
+        "(the in-flight sets apart: each `LLM.generate` gets its whole set at once, so prompts = requests in flight); "
         "the ratio is per round against that round's `none` run, median and [min, max] over rounds.",
         "",
     ]
@@ -151,6 +158,61 @@ def _quality(r: dict) -> list[str]:
     return lines + _table(["mode", "perplexity", "vs plain", "top-1 agreement", "mean abs logprob diff"], rows)
 
 
+def _material(r: dict) -> list[str]:
+    m = r["material"]
+    lines = ["## Mode per-request: the request matrices", ""]
+    if "request_bytes" in m:
+        lines += [
+            f"One request in the batch: M, M^-T, A, A^-1 per layer and KV head, 4 L H_kv d^2 = 4 x {m['layers']} x "
+            f"{m['kv_heads']} x {m['head_dim']}^2 numbers in {m['dtype']}: **{m['request_bytes'] / MiB:.2f} MiB** "
+            "(a decode step reads every row of its batch).",
+            "",
+            "Generating them (`transforms.request_material`, fp32, in the bench process with the engines shut down; "
+            "the worker does this in the step that adds the requests to its batch, on one thread: vLLM's CPU worker "
+            "binds its OpenMP threads to core 0 and reserves core 1 on this 2-core machine):",
+            "",
+        ]
+        lines += _table(
+            ["requests at once", "torch threads", "seconds", "per request (ms)", "QRs of d x d per request"],
+            [[x["requests"], x["torch_threads"], f"{x['seconds']:.3f}", f"{x['per_request_s'] * 1e3:.1f}", x["qr_per_request"]]
+             for key in ("generation", "generation_one_thread") for x in m.get(key, {}).values()],
+        )
+        decode = {str(b): t for b, t in r.get("plain_decode_step_s", {}).items()}
+        lines += [
+            "A decode step's own per-request work (`material.step_seconds`: the worker's `request_mix` / "
+            "`request_unmix` for every layer and `cache_shuffle.shuffle_step`, on synthetic tensors in the bench "
+            f"process, {m['dtype']}, one new token per request), next to plain vLLM's whole decode step at that batch:",
+            "",
+        ]
+        lines += _table(
+            ["batch", "mix + unmix, all layers (ms)", "shuffle, all layers (ms)", "torch threads", "plain decode step (ms)"],
+            [[x["batch"], f"{x['mix_unmix_s'] * 1e3:.1f}", f"{x['shuffle_s'] * 1e3:.1f}", x["torch_threads"],
+              f"{decode[b] * 1e3:.1f}" if b in decode else "not measured"]
+             for key in ("decode_step", "decode_step_one_thread") for b, x in m.get(key, {}).items()],
+        )
+    if "offline" in m:
+        o = m["offline"]
+        lines += [
+            f"Offline per-request worker after the timed rounds and quality (read through `LLM.apply_model`): "
+            f"{o['row_bytes'] / MiB:.2f} MiB per row ({o['dtype']}), {o['rows']} rows held (they grow by doubling with "
+            f"the batch up to max_num_seqs={o['max_rows']}, never shrink): **{o['bytes'] / MiB:.1f} MiB held**"
+            + ("" if "row_bytes_match_formula" not in o else
+               f"; row bytes equal 4 L H_kv d^2 x dtype: {'yes' if o['row_bytes_match_formula'] else '**no**'}") + ".",
+            "",
+        ]
+    if "server" in m:
+        sv = m["server"]
+        growth = ", ".join(f"{k} {v / MiB:+.0f} MiB" for k, v in sv["engine_rss_growth_bytes"].items())
+        lines += [
+            f"Per-request server: its worker logged {sv['row_mib_logged']:.2f} MiB per request (rows up to "
+            f"max_num_seqs={sv['max_rows']}); at {sv['max_in_flight']} in flight it holds at least "
+            f"{sv['held_at_least_mib']:.0f} MiB of matrices. EngineCore RSS growth from ready to the end of the sweep "
+            f"(median over rounds): {growth}; per-request over plain: **{sv['engine_rss_growth_over_plain_bytes'] / MiB:+.0f} MiB**.",
+            "",
+        ]
+    return lines
+
+
 def _capacity(r: dict) -> list[str]:
     c = r["kv_capacity_tokens"]
     lines = ["## KV cache capacity (tokens, as vLLM reports it)", ""]
@@ -160,31 +222,38 @@ def _capacity(r: dict) -> list[str]:
     return lines + [f"Equal with and without the shield: **{'yes' if c['equal'] else 'no'}**.", ""]
 
 
+def _kinds(r: dict, section: dict) -> list[str]:
+    """The server kinds a section holds: plain, then the server modes."""
+    return [k for k in ("plain", *r["server_modes"]) if k in section]
+
+
 def _startup(r: dict) -> list[str]:
     st = r["startup"]
+    kinds = _kinds(r, st)
     lines = [
         "## Start-up",
         "",
         "Seconds from process start until `/health` answers (and, for `kvshield serve`, until it printed "
-        "\"ready\" after checking the workers' shield line); peak RSS summed over the server's process tree "
-        f"(sampled every 0.2 s). Plain: `python -m vllm.entrypoints.openai.api_server`; shielded: `kvshield serve "
-        f"--mode {r['server_mode']}`, same vLLM arguments. Medians over "
+        "\"ready\" after checking the workers' shield line); peak RSS summed over the server's process tree, and "
+        "RSS of its EngineCore process (vLLM's CPU worker: model, KV cache, request matrices), sampled every 0.2 s. "
+        "Plain: `python -m vllm.entrypoints.openai.api_server`; shielded: `kvshield serve --mode M` for "
+        f"M in {', '.join(f'`{k}`' for k in kinds if k != 'plain')}, same vLLM arguments. Medians over "
         f"{st['plain']['runs'] if 'plain' in st else 0} start(s) each.",
         "",
     ]
     rows = []
-    for kind in ("plain", "shielded"):
-        if kind in st:
-            x = st[kind]
-            rows.append([kind, f"{x['health_ready_s']:.1f}", f"{x['proven_ready_s']:.1f}", f"{x['vllm_server_started_s']:.1f}",
-                         f"{x['peak_rss_bytes_at_ready'] / GiB:.2f}", f"{x['peak_rss_bytes'] / GiB:.2f}",
-                         "/".join("yes" if o else "no" for o in x["started_own_ray"])])
+    for kind in kinds:
+        x = st[kind]
+        rows.append([kind, f"{x['health_ready_s']:.1f}", f"{x['proven_ready_s']:.1f}", f"{x['vllm_server_started_s']:.1f}",
+                     f"{x['peak_rss_bytes_at_ready'] / GiB:.2f}", f"{x['peak_rss_bytes'] / GiB:.2f}",
+                     f"{x['engine_rss_bytes_at_ready'] / GiB:.2f} / {x['peak_engine_rss_bytes'] / GiB:.2f}",
+                     "/".join("yes" if o else "no" for o in x["started_own_ray"])])
     lines += _table(["server", "/health ready (s)", "proven ready (s)", "checks done, vLLM given its arguments (s)",
-                     "peak RSS at ready (GiB)", "peak RSS incl. load (GiB)", "started its own Ray"], rows)
-    if "overhead" in st:
-        o = st["overhead"]
+                     "peak RSS at ready (GiB)", "peak RSS incl. load (GiB)", "EngineCore RSS at ready / peak (GiB)",
+                     "started its own Ray"], rows)
+    for kind, o in st.get("overhead", {}).items():
         lines += [
-            f"Overhead of the shielded server: {_pct(o['health_ready'])} to /health, {_pct(o['proven_ready'])} to "
+            f"Overhead of `kvshield serve --mode {kind}`: {_pct(o['health_ready'])} to /health, {_pct(o['proven_ready'])} to "
             f"proven ready, {_pct(o['vllm_server_only'])} from the end of `kvshield serve`'s checks (its server process "
             f"imports vLLM during them); peak RSS {_pct(o['peak_rss'])}.",
             "",
@@ -219,28 +288,47 @@ def _enclave(r: dict) -> list[str]:
 
 
 def _serving(r: dict) -> list[str]:
-    sv = r["serving"]
+    sv, s = r["serving"], r["settings"]
+    kinds = _kinds(r, sv)
+    sweep = ", ".join(f"{n} requests at most {c} in flight" for c, n in sv["sweep"])
     lines = [
-        "## Serving (loopback, vLLM's serving benchmark)",
+        "## Serving sweep (loopback, vLLM's serving benchmark)",
         "",
-        f"`vllm.benchmarks.serve.benchmark` against /v1/completions (streamed): {sv['requests']} chat prompts, "
-        f"{sv['output_len']} output tokens each (`ignore_eos`), all sent at once, at most {sv['concurrency']} in flight. "
-        "Medians over runs.",
+        f"`vllm.benchmarks.serve.benchmark` against /v1/completions (streamed): chat prompts, {sv['output_len']} output "
+        f"tokens each (`ignore_eos`), all sent at once; per server, in order: {sweep} (each after "
+        f"{s['serving_warmups']} untimed requests). One server at a time, same vLLM arguments (KV cache "
+        f"{s['server_kv_cache_memory_bytes'] / GiB:.2f} GiB, vLLM's CPU default max_num_seqs=128). Medians over rounds; "
+        "preemptions: vLLM's counter over the load (warm-up included), 0 when every request in flight kept its KV.",
         "",
     ]
     rows = []
-    for kind in ("plain", "shielded"):
-        if kind in sv:
-            x = sv[kind]
-            rows.append([kind, f"{x['request_throughput']:.3f}", f"{x['output_throughput']:.1f}",
+    for c in sorted({point for kind in kinds for point in sv[kind]}, key=int):
+        for kind in kinds:
+            x = sv[kind].get(c)
+            if x is None:
+                continue
+            rows.append([c, kind, f"{x['request_throughput']:.3f}", f"{x['output_throughput']:.1f}",
                          f"{x['p50_ttft_ms']:.0f} / {x['p90_ttft_ms']:.0f} / {x['p99_ttft_ms']:.0f}",
                          f"{x['p50_tpot_ms']:.1f} / {x['p90_tpot_ms']:.1f} / {x['p99_tpot_ms']:.1f}",
-                         f"{x['p50_e2el_ms']:.0f}", x["runs"]])
-    lines += _table(["server", "requests/s", "output tokens/s", "TTFT p50/p90/p99 (ms)", "TPOT p50/p90/p99 (ms)",
-                     "E2E p50 (ms)", "runs"], rows)
-    if "ratio_shielded_to_plain" in sv:
-        ratio = sv["ratio_shielded_to_plain"]
-        lines += ["Shielded / plain: " + ", ".join(f"{k} {v:.4f}" for k, v in ratio.items()) + ".", ""]
+                         f"{x['p50_e2el_ms']:.0f}", f"{x['preemptions']:g}", x["runs"]])
+    lines += _table(["in flight", "server", "requests/s", "output tokens/s", "TTFT p50/p90/p99 (ms)",
+                     "TPOT p50/p90/p99 (ms)", "E2E p50 (ms)", "preemptions", "runs"], rows)
+    ratios = sv.get("ratio_to_plain", {})
+    if ratios:
+        lines += [
+            "Shielded / plain, per round (round r's server against plain's of round r), median [min, max] over rounds; "
+            f"per-request below {PER_REQUEST_TARGET} in **bold**:",
+            "",
+        ]
+        rows = []
+        for kind, points in ratios.items():
+            for c, x in points.items():
+                tp, sp = x["request_throughput"], x["request_throughput_spread"]
+                cell = f"{tp:.4f}" if kind != PER_REQUEST or tp >= PER_REQUEST_TARGET else f"**{tp:.4f}**"
+                rows.append([kind, c, f"{cell} [{sp['min']:.4f}, {sp['max']:.4f}]", f"{x['output_throughput']:.4f}",
+                             f"{x['p50_ttft_ms']:.3f}", f"{x['p50_tpot_ms']:.3f}", f"{x['p50_e2el_ms']:.3f}"])
+        lines += _table(["server", "in flight", "requests/s ratio", "output tokens/s ratio", "TTFT p50 ratio",
+                         "TPOT p50 ratio", "E2E p50 ratio"], rows)
     return lines
 
 
@@ -277,13 +365,15 @@ def charts(r: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
     title = f"vllm-kvshield benchmark ({r['profile']})" + (" — PRELIMINARY" if r["preliminary"] else "")
     fig.suptitle(title)
     _chart_throughput(axes[0][0], r)
-    _chart_serving(axes[0][1], r)
-    _chart_startup(axes[1][0], r)
-    _chart_ablation(axes[1][1], r)
+    _chart_serving_throughput(axes[0][1], r)
+    _chart_serving_ratio(axes[0][2], r)
+    _chart_serving_latency(axes[1][0], r)
+    _chart_startup(axes[1][1], r)
+    _chart_ablation(axes[1][2], r)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -295,37 +385,99 @@ def _not_run(ax, what: str) -> None:
 
 
 def _chart_throughput(ax, r: dict) -> None:
+    """Per mode: the suite's ratio to none (min-max), and each in-flight set's."""
     tp = r.get("throughput")
     if not tp:
         return _not_run(ax, "throughput")
     modes = list(tp)
-    med = [tp[m]["ratio_to_none"] for m in modes]
-    low = [med[i] - tp[m]["ratio_spread"]["min"] for i, m in enumerate(modes)]
-    high = [tp[m]["ratio_spread"]["max"] - med[i] for i, m in enumerate(modes)]
-    ax.bar(modes, med, yerr=[low, high], capsize=5, color="tab:blue")
-    for bound, mode_set in ((0.99, ("permute", "mix-v")), (0.97, ("mix",))):
-        xs = [i for i, m in enumerate(modes) if m in mode_set]
-        for i in xs:
-            ax.hlines(bound, i - 0.4, i + 0.4, colors="tab:red", linestyles="dashed")
-    ax.set_ylim(min(0.9, min(tp[m]["ratio_spread"]["min"] for m in modes) - 0.01),
-                max(1.05, max(tp[m]["ratio_spread"]["max"] for m in modes) + 0.01))
+    groups = [("all sets", lambda x: x)] + [
+        (f"{p['prompts']} in flight", lambda x, name=p["name"]: x["by_set"][name]) for p in r["settings"]["in_flight_sets"]
+    ]
+    width = 0.8 / len(groups)
+    lows = []
+    for j, (label, pick) in enumerate(groups):
+        med = [pick(tp[m])["ratio_to_none"] for m in modes]
+        spread = [pick(tp[m])["ratio_spread"] for m in modes]
+        lows += [sp["min"] for sp in spread]
+        xs = [i + j * width for i in range(len(modes))]
+        ax.bar(xs, med, width, yerr=[[m - sp["min"] for m, sp in zip(med, spread)], [sp["max"] - m for m, sp in zip(med, spread)]],
+               capsize=3, label=label)
+    bounds = {"permute": (0.99, 0), "mix-v": (0.99, 0), "mix": (0.97, 0), PER_REQUEST: (PER_REQUEST_TARGET, len(groups) - 1)}
+    for i, mode in enumerate(modes):
+        if mode in bounds:
+            bound, j = bounds[mode]
+            ax.hlines(bound, i + j * width - width / 2, i + j * width + width / 2, colors="tab:red", linestyles="dashed")
+    ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(modes))], modes)
+    ax.set_ylim(min(0.85, min(lows) - 0.02), 1.1)
     ax.set_ylabel("offline tokens/s ratio to none (min-max)")
+    ax.legend(fontsize=8)
     ax.set_title("Offline throughput (red: target)")
 
 
-def _chart_serving(ax, r: dict) -> None:
+def _sweep(r: dict) -> tuple[dict, list[str], list[int]] | None:
     sv = r.get("serving")
     if not sv or "plain" not in sv:
+        return None
+    kinds = _kinds(r, sv)
+    return sv, kinds, sorted({int(c) for k in kinds for c in sv[k]})
+
+
+def _chart_serving_throughput(ax, r: dict) -> None:
+    found = _sweep(r)
+    if found is None:
         return _not_run(ax, "serving")
-    metrics = [("p50_ttft_ms", "TTFT p50"), ("p99_ttft_ms", "TTFT p99"), ("p50_tpot_ms", "TPOT p50"), ("p99_tpot_ms", "TPOT p99")]
-    kinds = [k for k in ("plain", "shielded") if k in sv]
-    width = 0.8 / len(kinds)
-    for j, kind in enumerate(kinds):
-        ax.bar([i + j * width for i in range(len(metrics))], [sv[kind][m] for m, _ in metrics], width, label=kind)
-    ax.set_xticks([i + width * (len(kinds) - 1) / 2 for i in range(len(metrics))], [label for _, label in metrics])
-    ax.set_ylabel("ms")
-    ax.set_yscale("log")
+    sv, kinds, points = found
+    for kind in kinds:
+        ax.plot(points, [sv[kind][str(c)]["request_throughput"] for c in points], "o-", label=kind)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(points, [str(c) for c in points])
+    ax.set_xlabel("requests in flight")
+    ax.set_ylabel("requests/s")
     ax.legend()
+    ax.set_title("Served request throughput")
+
+
+def _chart_serving_ratio(ax, r: dict) -> None:
+    found = _sweep(r)
+    if found is None or not found[0].get("ratio_to_plain"):
+        return _not_run(ax, "serving ratio")
+    sv, kinds, points = found
+    for kind, by_point in sv["ratio_to_plain"].items():
+        cs = sorted(by_point, key=int)
+        ax.errorbar([int(c) for c in cs], [by_point[c]["request_throughput"] for c in cs],
+                    yerr=[[by_point[c]["request_throughput"] - by_point[c]["request_throughput_spread"]["min"] for c in cs],
+                          [by_point[c]["request_throughput_spread"]["max"] - by_point[c]["request_throughput"] for c in cs]],
+                    fmt="o-", capsize=3, label=f"{kind}, served")
+    tp = r.get("throughput", {})
+    if PER_REQUEST in tp:
+        for p in r["settings"]["in_flight_sets"]:
+            ax.plot([p["prompts"]], [tp[PER_REQUEST]["by_set"][p["name"]]["ratio_to_none"]], "s", color="black",
+                    label=f"{PER_REQUEST}, offline ({p['name']})")
+    ax.axhline(PER_REQUEST_TARGET, color="tab:red", linestyle="dashed", label=f"{PER_REQUEST} bound")
+    ax.axhline(1.0, color="gray", linewidth=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(points, [str(c) for c in points])
+    ax.set_xlabel("requests in flight")
+    ax.set_ylabel("ratio to plain (min-max over rounds)")
+    ax.legend(fontsize=8)
+    ax.set_title("Throughput ratio to plain vs requests in flight")
+
+
+def _chart_serving_latency(ax, r: dict) -> None:
+    found = _sweep(r)
+    if found is None:
+        return _not_run(ax, "serving latency")
+    sv, kinds, points = found
+    for i, kind in enumerate(kinds):
+        color = f"C{i}"
+        ax.plot(points, [sv[kind][str(c)]["p50_ttft_ms"] for c in points], "o-", color=color, label=f"{kind} TTFT p50")
+        ax.plot(points, [sv[kind][str(c)]["p50_tpot_ms"] for c in points], "s--", color=color, label=f"{kind} TPOT p50")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(points, [str(c) for c in points])
+    ax.set_yscale("log")
+    ax.set_xlabel("requests in flight")
+    ax.set_ylabel("ms")
+    ax.legend(fontsize=8)
     ax.set_title("Serving latency")
 
 
@@ -333,7 +485,7 @@ def _chart_startup(ax, r: dict) -> None:
     st = r.get("startup")
     if not st or "plain" not in st:
         return _not_run(ax, "start-up")
-    kinds = [k for k in ("plain", "shielded") if k in st]
+    kinds = _kinds(r, st)
     ax.bar(kinds, [st[k]["health_ready_s"] for k in kinds], color="tab:green")
     ax.set_ylabel("seconds to /health ready")
     twin = ax.twinx()

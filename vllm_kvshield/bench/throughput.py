@@ -6,9 +6,9 @@ that round (adjacent in time), so slow drifts of the machine cancel. Sampling fo
 benchmarks/throughput.py: temperature 1, top_p 1, ignore_eos, so every request generates exactly
 output_len tokens.
 
-    sets = build_prompt_sets(tokenizer, settings)
+    sets = build_prompt_sets(tokenizer, settings)        # the suite, then the in-flight sets
     runs = run_rounds(engines.llms, sets, settings, log)
-    summary = summarize(runs, settings.modes)
+    summary = summarize(runs, settings.modes, suite=[s.name for s in settings.prompt_sets])
 """
 
 import time
@@ -57,8 +57,9 @@ def chat_prompts(spec: PromptSet, tokenizer) -> list[list[int]]:
 
 
 def build_prompt_sets(tokenizer, settings: Settings) -> list[Prompts]:
+    """The suite's sets, then the in-flight sets (each its own seed, by position)."""
     sets = []
-    for i, spec in enumerate(settings.prompt_sets):
+    for i, spec in enumerate((*settings.prompt_sets, *settings.in_flight_sets)):
         if spec.kind == "random":
             ids = random_prompts(spec, len(tokenizer), settings.seed + i)
         elif spec.kind == "chat":
@@ -149,12 +150,13 @@ def _mode_summary(runs: list[dict], mode: str) -> dict:
     }
 
 
-def summarize(runs: list[dict], modes: tuple[str, ...]) -> dict:
-    """Per mode: all sets together (a round's tokens over its seconds), and per set."""
+def summarize(runs: list[dict], modes: tuple[str, ...], suite: list[str] | None = None) -> dict:
+    """Per mode: the suite's sets together (a round's tokens over its seconds; suite None: every set), and per set."""
     out = {}
     sets = list(dict.fromkeys(x["set"] for x in runs))
+    together = [x for x in runs if suite is None or x["set"] in suite]
     for mode in modes:
-        summary = _mode_summary(runs, mode)
+        summary = _mode_summary(together, mode)
         summary["by_set"] = {s: _mode_summary([x for x in runs if x["set"] == s], mode) for s in sets}
         out[mode] = summary
     return out
