@@ -223,7 +223,7 @@ def test_throughput_schema(smoke):
     for r in range(settings["repetitions"]):
         for name in set_names:
             assert sorted(x["mode"] for x in runs if x["round"] == r and x["set"] == name) == sorted(SMOKE_MODES)
-    spec = {s["name"]: s for s in settings["prompt_sets"]}
+    spec = {s["name"]: s for s in settings["prompt_sets"] + settings["in_flight_sets"]}
     assert all(x["output_tokens"] == spec[x["set"]]["prompts"] * spec[x["set"]]["output_len"] for x in runs)
     assert all(x["others_cpu_cores"] >= 0 for x in runs)
     assert set(result["foreign_cpu_cores"]) == set(result["sections"])
