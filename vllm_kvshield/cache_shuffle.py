@@ -15,7 +15,7 @@ block still tells which block-size positions it came from; its slot tells nothin
 
 Layout: vLLM 0.32's CPU attention (ISA vec/vec16): per layer [blocks, H_kv, block_size, 2*d],
 each (block, head) holding K dim-major (K[dim][slot]) then V slot-major (V[slot][dim]). Each
-layer's moves are one gather and one scatter on the flat cache.
+layer's moves are one gather and one scatter of whole rows on K and on V (indices per row, not per element).
 
     shuffle_step(kv_caches, starts=[0, 1, 2, 40], seq_lens=[70, 129, 38], block_table=bt, generator=g)
 """
@@ -62,45 +62,44 @@ def plan_moves(starts: list[int], seq_lens: list[int], block_table: torch.Tensor
 
 
 def _moves(swaps, permutes, layers: int, heads: int, generator, device):
-    """Every row move of one step: block [P], head [P], destination and source slot [L, P] per layer.
+    """Every row move of one step: (block, head) slab [P], destination and source slot [L, P] per layer.
 
     The moves of one (layer, block, head) permute a set of its slots, so gathering every source
     before scattering to every destination is exact.
     """
     head_ids = torch.arange(heads, device=device)
-    blocks, head_of, dst, src = [], [], [], []
+    slabs, dst, src = [], [], []
     if swaps:
         n = len(swaps)
         b = torch.tensor([blk for blk, _ in swaps], device=device)
         r = torch.tensor([slot for _, slot in swaps], device=device)[None, :, None].expand(layers, n, heads)
         j = (torch.rand(layers, n, heads, generator=generator, device=device) * (r + 1)).long()  # uniform in [0, r]
-        blocks.append(b.repeat_interleave(2 * heads))  # per block, per head: (new row -> j, row j -> r)
-        head_of.append(head_ids.repeat_interleave(2).repeat(n))
+        slab = b[:, None] * heads + head_ids[None, :]  # [n, H]
+        slabs.append(slab.repeat_interleave(2, dim=1).flatten())  # per block, per head: (new row -> j, row j -> r)
         dst.append(torch.stack((j, r), dim=-1).flatten(1))
         src.append(torch.stack((r, j), dim=-1).flatten(1))
     for block, filled in permutes:
         perm = torch.argsort(torch.rand(layers, heads, filled, generator=generator, device=device), dim=-1)  # [L, H, m]
-        blocks.append(torch.full((heads * filled,), block, device=device))
-        head_of.append(head_ids.repeat_interleave(filled))
+        slabs.append((block * heads + head_ids).repeat_interleave(filled))
         dst.append(torch.arange(filled, device=device).repeat(heads).expand(layers, -1))
         src.append(perm.flatten(1))
-    return torch.cat(blocks), torch.cat(head_of), torch.cat(dst, 1), torch.cat(src, 1)
+    return torch.cat(slabs), torch.cat(dst, 1), torch.cat(src, 1)
 
 
 def shuffle_step(kv_caches: list[torch.Tensor], starts: list[int], seq_lens: list[int], block_table: torch.Tensor, generator) -> None:
     """Shuffle, in every layer's cache [blocks, H, bs, 2d], the rows one forward step wrote."""
     if not kv_caches:
         return
-    _, heads, bs, two_d = kv_caches[0].shape
+    blocks, heads, bs, two_d = kv_caches[0].shape
     swaps, permutes = plan_moves(starts, seq_lens, block_table, bs)
     if not swaps and not permutes:
         return
-    device = kv_caches[0].device
-    blocks, head_of, dst, src = _moves(swaps, permutes, len(kv_caches), heads, generator, device)
-    base = ((blocks * heads + head_of) * (bs * two_d))[None, :, None]  # [1, P, 1]
-    offsets = row_offsets(bs, two_d // 2, device)  # [bs, 2d]
-    dst_index = (base + offsets[dst]).flatten(1)  # [L, P * 2d]
-    src_index = (base + offsets[src]).flatten(1)
+    d = two_d // 2
+    slabs, dst, src = _moves(swaps, permutes, len(kv_caches), heads, generator, kv_caches[0].device)
     for layer, cache in enumerate(kv_caches):
-        flat = cache.view(-1)
-        flat.index_copy_(0, dst_index[layer], flat.index_select(0, src_index[layer]))
+        flat = cache.view(blocks * heads, bs * two_d)  # one (block, head) slab per row
+        k = flat[:, : bs * d].view(-1, d, bs)  # K dim-major: k[slab, dim, slot]
+        v = flat[:, bs * d :].view(-1, bs, d)  # V slot-major: v[slab, slot, dim]
+        k_rows, v_rows = k[slabs, :, src[layer]], v[slabs, src[layer]]  # [P, d] each, gathered before any write
+        k[slabs, :, dst[layer]] = k_rows
+        v[slabs, dst[layer]] = v_rows
