@@ -5,7 +5,7 @@ blocks hold its own key's rows, shuffled inside their blocks."""
 import pytest
 import torch
 
-from vllm_kvshield import cache_shuffle, data, transforms
+from vllm_kvshield import data, kv_layout, transforms
 from vllm_kvshield.attack import kvcache
 from vllm_kvshield.bench import quality
 from vllm_kvshield.model import shield_status
@@ -207,4 +207,4 @@ def attention_isa(model) -> str:
 
 
 def test_shuffled_isas_are_what_the_engine_uses(per_request):
-    assert per_request.apply_model(attention_isa)[0] in cache_shuffle.SHUFFLABLE_ISAS
+    assert per_request.apply_model(attention_isa)[0] in kv_layout.ISAS

@@ -217,15 +217,28 @@ def test_without_a_plan_nothing_passes_unmixed(installed_rows):
 # --- the row shuffle -------------------------------------------------------------------------
 
 
-def paged_attention(q, cache, blocks, seq_len):
+def vec_offsets(bs: int, d: int) -> torch.Tensor:
+    """[bs, 2d]: vLLM's vec/vec16 packing (K dim-major, V slot-major; tests/test_kv_layout.py checks it)."""
+    slot, dim = torch.arange(bs)[:, None], torch.arange(d)[None, :]
+    return torch.cat((dim * bs + slot, bs * d + slot * d + dim), dim=1)
+
+
+def scrambled_offsets(bs: int, d: int) -> torch.Tensor:
+    """[bs, 2d]: any packing with one cell per (slot, dim), as amx's is: the shuffle must not assume vec's."""
+    return torch.randperm(2 * bs * d, generator=torch.Generator().manual_seed(1)).view(bs, 2 * d)
+
+
+LAYOUTS = {"vec": vec_offsets, "scrambled": scrambled_offsets}
+
+
+def paged_attention(q, cache, blocks, seq_len, offsets):
     """Reference: a query row attends to slots [0, seq_len) of its blocks; q [H, d] -> [H, d].
 
-    Reads K/V through cache_shuffle.row_offsets: if those offsets were wrong, the shuffle's moves
+    Reads K/V through the layout's offsets: if the shuffle moved elements some other way, it
     would mix K of one row with V of another and this output would change.
     """
     heads, bs, two_d = cache.shape[1], cache.shape[2], cache.shape[3]
     d = two_d // 2
-    offsets = cache_shuffle.row_offsets(bs, d)
     k, v = [], []
     for i, block in enumerate(blocks):
         n = min(bs, seq_len - i * bs)
@@ -240,58 +253,47 @@ def paged_attention(q, cache, blocks, seq_len):
     return torch.einsum("ht,htd->hd", w, v)
 
 
-def slot_rows(cache, block):
+def slot_rows(cache, block, offsets):
     """[H, bs, 2d]: each slot's K and V in one block."""
-    heads, bs, two_d = cache.shape[1:]
-    return cache[block].reshape(heads, -1)[:, cache_shuffle.row_offsets(bs, two_d // 2)]
+    return cache[block].reshape(cache.shape[1], -1)[:, offsets]
 
 
-def test_kv_layout_matches_the_attack_decoder():
-    """cache_shuffle's offsets read the same K and V as the decoder proven on real CPU blocks (kvcache.py)."""
-    from vllm_kvshield.attack import kvcache
-
-    cache = torch.randn(3, 2, 32, 16)
-    k, v = kvcache.decode_blocks(cache, torch.tensor([2, 0]), 40)  # [T, H, d]
-    offsets = cache_shuffle.row_offsets(32, 8)
-    for t, (block, slot) in enumerate([(2, s) for s in range(32)] + [(0, s) for s in range(8)]):
-        rows = cache[block].reshape(2, -1)[:, offsets[slot]]
-        assert torch.equal(rows[:, :8], k[t]) and torch.equal(rows[:, 8:], v[t])
-
-
-def test_shuffle_keeps_attention_and_moves_rows():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shuffle_keeps_attention_and_moves_rows(layout):
     torch.manual_seed(0)
     layers, blocks, heads, bs, d = 2, 8, 3, 32, 16
+    offsets = LAYOUTS[layout](bs, d)
     caches = [torch.randn(blocks, heads, bs, 2 * d) for _ in range(layers)]
     before = [c.clone() for c in caches]
     # row 0 decodes its 45th token (block 5, slot 12); row 1 prefills 70 tokens into blocks 1, 6, 3
     starts, seq_lens = [0, 1, 71], [45, 70]
     table = torch.tensor([[4, 5, 0], [1, 6, 3]])
     q = torch.randn(heads, d)
-    want = [[paged_attention(q, c, table[r].tolist(), seq_lens[r]) for r in range(2)] for c in before]
-    cache_shuffle.shuffle_step(caches, starts, seq_lens, table, cache_shuffle.fresh_generator())
+    want = [[paged_attention(q, c, table[r].tolist(), seq_lens[r], offsets) for r in range(2)] for c in before]
+    cache_shuffle.shuffle_step(caches, starts, seq_lens, table, offsets, cache_shuffle.fresh_generator())
     for layer, c in enumerate(caches):
         for r in range(2):
-            torch.testing.assert_close(paged_attention(q, c, table[r].tolist(), seq_lens[r]), want[layer][r])
+            torch.testing.assert_close(paged_attention(q, c, table[r].tolist(), seq_lens[r], offsets), want[layer][r])
         for untouched in (0, 2, 4, 7):  # other requests' blocks, and row 0's full first block
             assert torch.equal(c[untouched], before[layer][untouched])
         moved = {b: (c[b] != before[layer][b]).any().item() for b in (1, 6, 3)}
         assert all(moved.values()), f"a prefilled block kept its order: {moved}"
         for block, filled in ((5, 13), (3, 70 - 64)):  # slots after the filled ones hold nothing and stay
-            assert torch.equal(slot_rows(c, block)[:, filled:], slot_rows(before[layer], block)[:, filled:])
+            assert torch.equal(slot_rows(c, block, offsets)[:, filled:], slot_rows(before[layer], block, offsets)[:, filled:])
 
 
 def test_decode_swap_is_uniform():
     """Inside-out Fisher-Yates: the new row lands on each of the r+1 filled slots equally often."""
     bs, d, r, trials = 32, 4, 7, 4000
     cache = torch.zeros(1, 1, bs, 2 * d)
-    offsets = cache_shuffle.row_offsets(bs, d)
+    offsets = scrambled_offsets(bs, d)
     counts = torch.zeros(r + 1)
     g = cache_shuffle.fresh_generator()
     for _ in range(trials):
         flat = cache.view(-1)
         flat.zero_()
         flat[offsets[r]] = 1.0  # mark the new row
-        cache_shuffle.shuffle_step([cache], [0, 1], [r + 1], torch.tensor([[0]]), g)
+        cache_shuffle.shuffle_step([cache], [0, 1], [r + 1], torch.tensor([[0]]), offsets, g)
         landed = [s for s in range(r + 1) if flat[offsets[s]].sum() == 2 * d]
         assert len(landed) == 1
         counts[landed[0]] += 1
@@ -305,6 +307,6 @@ def test_shuffle_randomness_is_not_torchs_seeded_default():
     for _ in range(2):
         torch.manual_seed(0)  # vLLM seeds the default generator with the public --seed
         cache = torch.arange(bs * 2 * d, dtype=torch.float32).view(1, 1, bs, 2 * d)
-        cache_shuffle.shuffle_step([cache], [0, bs], [bs], torch.tensor([[0]]), cache_shuffle.fresh_generator())
+        cache_shuffle.shuffle_step([cache], [0, bs], [bs], torch.tensor([[0]]), vec_offsets(bs, d), cache_shuffle.fresh_generator())
         results.append(cache.clone())
     assert not torch.equal(*results)

@@ -13,30 +13,23 @@ Blocks stay where they are, so the block table, prefix caching (a full block is 
 queries after all of it) and preemption (recompute writes new blocks) are untouched. A row's
 block still tells which block-size positions it came from; its slot tells nothing more.
 
-Layout: vLLM 0.32's CPU attention (ISA vec/vec16): per layer [blocks, H_kv, block_size, 2*d],
-each (block, head) holding K dim-major (K[dim][slot]) then V slot-major (V[slot][dim]). Each
-layer's moves are one gather and one scatter of whole rows on K and on V (indices per row, not per element).
+Layout: vLLM 0.32's CPU cache is per layer [blocks, H_kv, block_size, 2*d], each (block, head) slab
+holding its slots' K and V at offsets that depend on the attention ISA (kv_layout.row_offsets, read
+off vLLM's own write op). Each layer's moves are one gather and one scatter of whole rows (K and V
+of a slot together, element by element) through those offsets.
 
-    shuffle_step(kv_caches, starts=[0, 1, 2, 40], seq_lens=[70, 129, 38], block_table=bt, generator=g)
+    shuffle_step(kv_caches, starts=[0, 1, 2, 40], seq_lens=[70, 129, 38], block_table=bt,
+                 offsets=kv_layout.row_offsets("vec", 128, 64, torch.bfloat16), generator=g)
 """
 
 import secrets
 
 import torch
 
-SHUFFLABLE_ISAS = ("vec", "vec16")
-
 
 def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded from the OS CSPRNG (vLLM seeds torch's default one with a public seed)."""
     return torch.Generator(device).manual_seed(secrets.randbits(63))
-
-
-def row_offsets(block_size: int, head_dim: int, device=None) -> torch.Tensor:
-    """[bs, 2d] flat offsets, inside one (block, head), of each slot's K (dim-major) and V (slot-major) elements."""
-    slot = torch.arange(block_size, device=device)[:, None]
-    dim = torch.arange(head_dim, device=device)[None, :]
-    return torch.cat((dim * block_size + slot, block_size * head_dim + slot * head_dim + dim), dim=1)
 
 
 def plan_moves(starts: list[int], seq_lens: list[int], block_table: torch.Tensor, block_size: int):
@@ -86,20 +79,24 @@ def _moves(swaps, permutes, layers: int, heads: int, generator, device):
     return torch.cat(slabs), torch.cat(dst, 1), torch.cat(src, 1)
 
 
-def shuffle_step(kv_caches: list[torch.Tensor], starts: list[int], seq_lens: list[int], block_table: torch.Tensor, generator) -> None:
-    """Shuffle, in every layer's cache [blocks, H, bs, 2d], the rows one forward step wrote."""
+def shuffle_step(kv_caches: list[torch.Tensor], starts: list[int], seq_lens: list[int], block_table: torch.Tensor,
+                 offsets: torch.Tensor, generator) -> None:
+    """Shuffle, in every layer's cache [blocks, H, bs, 2d], the rows one forward step wrote.
+
+    offsets: [bs, 2d] where each slot's K and V sit inside a (block, head) slab (kv_layout.row_offsets).
+    """
     if not kv_caches:
         return
-    blocks, heads, bs, two_d = kv_caches[0].shape
+    _, heads, bs, two_d = kv_caches[0].shape
+    assert offsets.shape == (bs, two_d), f"offsets {tuple(offsets.shape)} for a cache of block size {bs}, 2d {two_d}"
     swaps, permutes = plan_moves(starts, seq_lens, block_table, bs)
     if not swaps and not permutes:
         return
-    d = two_d // 2
     slabs, dst, src = _moves(swaps, permutes, len(kv_caches), heads, generator, kv_caches[0].device)
+    offsets = offsets.to(kv_caches[0].device)
+    base = (slabs * (bs * two_d))[None, :, None]  # [1, P, 1]: each move's (block, head) slab
+    dst_index = (base + offsets[dst]).flatten(1)  # [L, P * 2d]: every element of each moved row
+    src_index = (base + offsets[src]).flatten(1)
     for layer, cache in enumerate(kv_caches):
-        flat = cache.view(blocks * heads, bs * two_d)  # one (block, head) slab per row
-        k = flat[:, : bs * d].view(-1, d, bs)  # K dim-major: k[slab, dim, slot]
-        v = flat[:, bs * d :].view(-1, bs, d)  # V slot-major: v[slab, slot, dim]
-        k_rows, v_rows = k[slabs, :, src[layer]], v[slabs, src[layer]]  # [P, d] each, gathered before any write
-        k[slabs, :, dst[layer]] = k_rows
-        v[slabs, dst[layer]] = v_rows
+        flat = cache.view(-1)
+        flat.index_copy_(0, dst_index[layer], flat.index_select(0, src_index[layer]))  # gathered before any write

@@ -144,11 +144,11 @@ def check_per_request(vllm_config) -> None:
     if block_size is not None:
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-        from .cache_shuffle import SHUFFLABLE_ISAS
+        from .kv_layout import ISAS
 
         isa = _get_attn_isa(vllm_config.model_config.dtype, block_size, vllm_config.model_config.get_head_size(), "auto")
-        if isa not in SHUFFLABLE_ISAS:
-            refuse(f"CPU attention ISA {isa!r}", f"its KV block layout is not the one the row shuffle moves; accepted: {', '.join(SHUFFLABLE_ISAS)}")
+        if isa not in ISAS:
+            refuse(f"CPU attention ISA {isa!r}", f"the row shuffle knows only these KV block layouts: {', '.join(ISAS)}")
 
 
 def parse_modes(text: str, baseline: bool = False) -> tuple[str, ...]:

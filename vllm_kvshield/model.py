@@ -40,7 +40,7 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from . import cache_shuffle, enclave, registered_families, request_keys, request_mix
+from . import cache_shuffle, enclave, kv_layout, registered_families, request_keys, request_mix
 from .config import ShieldConfig, ShieldConfigError, ShieldError, check_supported
 from .families import FAMILIES_BY_CLASS, Family
 from .mixed_attention import MixedAttention, vllm_attention
@@ -197,8 +197,11 @@ class ShieldedModel:
         finally:
             request_mix.begin_step(None)
         if plan is not None:
-            caches = [vllm_attention(self.model.layers[i].self_attn.attn).kv_cache for i in self._local_layers()]
-            cache_shuffle.shuffle_step(caches, starts, meta.seq_lens.tolist(), meta.block_table, cache_shuffle.fresh_generator())
+            attns = [vllm_attention(self.model.layers[i].self_attn.attn) for i in self._local_layers()]
+            caches = [a.kv_cache for a in attns]  # each [blocks, H_kv, bs, 2d]
+            _, _, bs, two_d = caches[0].shape
+            offsets = kv_layout.row_offsets(attns[0].isa, bs, two_d // 2, caches[0].dtype)  # [bs, 2d], probed once
+            cache_shuffle.shuffle_step(caches, starts, meta.seq_lens.tolist(), meta.block_table, offsets, cache_shuffle.fresh_generator())
         return out
 
     def _attention_metadata(self):

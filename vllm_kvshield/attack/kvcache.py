@@ -6,11 +6,10 @@ the worker through `LLM.apply_model` (which needs VLLM_ALLOW_INSECURE_SERIALIZAT
 
     k, v = kvcache.prompt_kv(llm, prompt_token_ids, layers=[0])   # each [L, T, H_kv, d]
 
-CPU layout (vLLM 0.32, ISA "vec"/"vec16"): each layer's cache is
-[num_blocks, H_kv, block_size, 2*d]; viewed as [num_blocks, H_kv, 2*block_size, d]
-the first half of a (block, head) is K stored dim-major (K[d][slot]) and the
-second half V slot-major (V[slot][d]). The AMX/NEON kernels pack K differently
-and are refused rather than misread.
+CPU layout (vLLM 0.32): each layer's cache is [num_blocks, H_kv, block_size, 2*d]; each
+(block, head) slab holds its slots' K and V at offsets that depend on the attention ISA
+(vec/vec16: K dim-major, V slot-major; amx: packed for its tiles), read off vLLM's own
+write op by kv_layout.row_offsets. Other ISAs are refused rather than misread.
 """
 
 import functools
@@ -18,7 +17,7 @@ import io
 
 import torch
 
-DECODABLE_ISAS = ("vec", "vec16")
+from .. import kv_layout
 
 _records: list[tuple[torch.Tensor, int]] = []  # (block ids, sequence length) of each forward step
 
@@ -46,16 +45,16 @@ def start_recording(model) -> None:
     _records.clear()
 
 
-def decode_blocks(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of positions 0..seq_len-1 from one layer's CPU cache tensor, each [T, H_kv, d]."""
+def decode_blocks(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of positions 0..seq_len-1 from one layer's CPU cache tensor, each [T, H_kv, d].
+
+    offsets: [bs, 2d] where each slot's K and V sit inside a (block, head) slab (kv_layout.row_offsets).
+    """
     num_blocks, h_kv, block_size, two_d = cache.shape
     d = two_d // 2
-    blocks = cache.view(num_blocks, h_kv, 2 * block_size, d)[block_ids[: (seq_len + block_size - 1) // block_size].long()]
-    k = blocks[:, :, :block_size].reshape(-1, h_kv, d, block_size).transpose(-1, -2)  # [n, H_kv, bs, d]
-    v = blocks[:, :, block_size:]  # [n, H_kv, bs, d]
-    k = k.permute(0, 2, 1, 3).reshape(-1, h_kv, d)[:seq_len]
-    v = v.permute(0, 2, 1, 3).reshape(-1, h_kv, d)[:seq_len]
-    return k.clone(), v.clone()
+    slabs = cache.view(num_blocks, h_kv, block_size * two_d)[block_ids[: (seq_len + block_size - 1) // block_size].long()]
+    rows = slabs[:, :, offsets].transpose(1, 2).reshape(-1, h_kv, two_d)[:seq_len]  # [T, H_kv, 2d]
+    return rows[..., :d].clone(), rows[..., d:].clone()
 
 
 def read_last_prompt(model, layers: list[int] | None = None) -> bytes:
@@ -67,11 +66,10 @@ def read_last_prompt(model, layers: list[int] | None = None) -> bytes:
         raise RuntimeError("no forward step recorded: call start_recording first")
     block_ids, seq_len = max(_records, key=lambda r: r[1])
     attn = _attention_layers(model)
-    isa = getattr(attn[0], "isa", None)
-    if isa not in DECODABLE_ISAS:
-        raise RuntimeError(f"CPU attention ISA {isa!r} stores K in a layout this decoder does not read; accepted: {DECODABLE_ISAS}")
+    cache = attn[0].kv_cache  # [blocks, H_kv, bs, 2d]
+    offsets = kv_layout.row_offsets(getattr(attn[0], "isa", None), cache.shape[2], cache.shape[3] // 2, cache.dtype)
     picked = range(len(attn)) if layers is None else layers
-    ks, vs = zip(*(decode_blocks(attn[i].kv_cache, block_ids, seq_len) for i in picked))
+    ks, vs = zip(*(decode_blocks(attn[i].kv_cache, block_ids, seq_len, offsets) for i in picked))
     _records.clear()
     buf = io.BytesIO()
     torch.save((torch.stack(ks), torch.stack(vs)), buf)

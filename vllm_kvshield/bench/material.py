@@ -65,8 +65,10 @@ def step_seconds(layers: int, q_heads: int, kv_heads: int, head_dim: int, batch:
     """Seconds one decode step of `batch` requests (one token each, each in its own block) spends in mode
     per-request's own work, with the worker's functions on synthetic tensors in this process: request_mix and
     request_unmix for every layer (q, k, v, o times the row's matrices), and the row shuffle of every layer's
-    cache (cache_shuffle.shuffle_step). Median over repeats. The mixes' inputs are random, as the timing needs."""
-    from .. import cache_shuffle, request_keys, request_mix
+    cache (cache_shuffle.shuffle_step, in the KV layout vLLM picks for this dtype on this CPU). Median over repeats. The mixes' inputs are random, as the timing needs."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from .. import cache_shuffle, kv_layout, request_keys, request_mix
 
     block_size = 128
     rows = request_keys.RequestKeyRows(range(layers), range(kv_heads), head_dim, max_rows=batch, dtype=dtype,
@@ -77,6 +79,7 @@ def step_seconds(layers: int, q_heads: int, kv_heads: int, head_dim: int, batch:
     caches = [torch.zeros(batch, kv_heads, block_size, 2 * head_dim, dtype=dtype) for _ in range(layers)]
     starts, seq_lens = list(range(batch + 1)), [block_size // 2] * batch  # row r: its one new token in block r
     block_table = torch.arange(batch)[:, None]
+    offsets = kv_layout.row_offsets(_get_attn_isa(dtype, block_size, head_dim), block_size, head_dim, dtype)  # the layout vLLM picks here
     saved_rows = request_keys._rows
     request_keys.install(rows)
     request_mix.begin_step(request_mix.StepPlan.from_query_start_loc(starts))
@@ -88,7 +91,7 @@ def step_seconds(layers: int, q_heads: int, kv_heads: int, head_dim: int, batch:
                 request_mix.request_mix(q, k, v, layer, kv_heads)
                 request_mix.request_unmix(q, layer, kv_heads)
             t1 = time.perf_counter()
-            cache_shuffle.shuffle_step(caches, starts, seq_lens, block_table, cache_shuffle.fresh_generator())
+            cache_shuffle.shuffle_step(caches, starts, seq_lens, block_table, offsets, cache_shuffle.fresh_generator())
             mix.append(t1 - t0)
             shuffle.append(time.perf_counter() - t1)
     finally:
