@@ -8,6 +8,7 @@ from vllm import _custom_ops as ops
 
 from vllm_kvshield import kv_layout
 from vllm_kvshield.attack import kvcache
+from test_per_request_parts import vec_offsets  # the packing the shuffle tests assume for vec
 
 AMX = torch.cpu._is_amx_tile_supported()
 # (isa, head_dim, dtype): vec16 is vLLM's choice when head_dim is a multiple of 16 but not of 32
@@ -19,11 +20,6 @@ def needs(isa):
         pytest.skip("this CPU has no AMX tiles: vLLM never picks the amx layout here")
 
 
-def vec_formula(bs, d):
-    slot, dim = torch.arange(bs)[:, None], torch.arange(d)[None, :]
-    return torch.cat((dim * bs + slot, bs * d + slot * d + dim), dim=1)
-
-
 @pytest.mark.parametrize("isa,d,dtype", CASES)
 def test_offsets_are_one_cell_per_slot_and_dim(isa, d, dtype):
     needs(isa)
@@ -33,9 +29,9 @@ def test_offsets_are_one_cell_per_slot_and_dim(isa, d, dtype):
     assert torch.equal(offsets.flatten().sort().values, torch.arange(2 * bs * d))
     assert offsets[:, :d].max() < bs * d <= offsets[:, d:].min(), "K must fill the slab's first half, V its second"
     if isa in ("vec", "vec16"):
-        assert torch.equal(offsets, vec_formula(bs, d)), "vec packs K dim-major and V slot-major"
+        assert torch.equal(offsets, vec_offsets(bs, d)), "vec packs K dim-major and V slot-major"
     else:
-        assert not torch.equal(offsets, vec_formula(bs, d)), "amx packs for its tiles, not as vec"
+        assert not torch.equal(offsets, vec_offsets(bs, d)), "amx packs for its tiles, not as vec"
 
 
 @pytest.mark.parametrize("isa,d,dtype", CASES)

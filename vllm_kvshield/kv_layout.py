@@ -58,3 +58,9 @@ def row_offsets(isa: str, block_size: int, head_dim: int, dtype: torch.dtype) ->
         assert torch.equal(cells.sort().values, torch.arange(half)), f"{isa}: part {part} is not one cell per (slot, dim)"
         offsets.view(-1, 2, head_dim)[s, part, j] = torch.arange(half) + span.start
     return offsets
+
+
+def cache_offsets(attention) -> torch.Tensor:
+    """row_offsets of a vLLM attention layer's own cache [blocks, H_kv, bs, 2d] (its ISA is set by vLLM's CPU backend)."""
+    cache = attention.kv_cache
+    return row_offsets(getattr(attention, "isa", None), cache.shape[2], cache.shape[3] // 2, cache.dtype)

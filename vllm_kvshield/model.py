@@ -198,10 +198,9 @@ class ShieldedModel:
             request_mix.begin_step(None)
         if plan is not None:
             attns = [vllm_attention(self.model.layers[i].self_attn.attn) for i in self._local_layers()]
-            caches = [a.kv_cache for a in attns]  # each [blocks, H_kv, bs, 2d]
-            _, _, bs, two_d = caches[0].shape
-            offsets = kv_layout.row_offsets(attns[0].isa, bs, two_d // 2, caches[0].dtype)  # [bs, 2d], probed once
-            cache_shuffle.shuffle_step(caches, starts, meta.seq_lens.tolist(), meta.block_table, offsets, cache_shuffle.fresh_generator())
+            offsets = kv_layout.cache_offsets(attns[0])  # [bs, 2d], probed at the first step, then cached
+            cache_shuffle.shuffle_step([a.kv_cache for a in attns], starts, meta.seq_lens.tolist(), meta.block_table, offsets,
+                                       cache_shuffle.fresh_generator())
         return out
 
     def _attention_metadata(self):

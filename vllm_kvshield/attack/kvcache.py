@@ -66,8 +66,7 @@ def read_last_prompt(model, layers: list[int] | None = None) -> bytes:
         raise RuntimeError("no forward step recorded: call start_recording first")
     block_ids, seq_len = max(_records, key=lambda r: r[1])
     attn = _attention_layers(model)
-    cache = attn[0].kv_cache  # [blocks, H_kv, bs, 2d]
-    offsets = kv_layout.row_offsets(getattr(attn[0], "isa", None), cache.shape[2], cache.shape[3] // 2, cache.dtype)
+    offsets = kv_layout.cache_offsets(attn[0])
     picked = range(len(attn)) if layers is None else layers
     ks, vs = zip(*(decode_blocks(attn[i].kv_cache, block_ids, seq_len, offsets) for i in picked))
     _records.clear()
