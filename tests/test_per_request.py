@@ -186,6 +186,30 @@ def test_two_fresh_requests_with_one_prompt_cache_different_rows(per_request):
         assert (dist > 1e-2 * x.abs().max()).all(), "a row of one request reappears in the other's blocks"
 
 
+def enclave_info(model) -> dict:
+    from vllm_kvshield import enclave
+
+    return enclave.call(model.enclave_handle, "info")
+
+
+def test_fresh_requests_find_their_matrices_expanded_ahead(engines, per_request):
+    """After a fresh request, the enclave expands the next fresh key ids' matrices; the next requests take them,
+    and answer as plain vLLM does."""
+    import time
+
+    greedy(per_request, user(["Say hi."]), max_tokens=2)
+    deadline = time.monotonic() + 120
+    while (before := per_request.apply_model(enclave_info)[0]["ahead"])["queued"]:
+        assert time.monotonic() < deadline, f"the enclave's thread did not catch up: {before}"
+        time.sleep(0.2)
+    assert before["ready"] >= 4 and before["error"] is None, before
+    prompts = user(["Name a colour.", "Count to three.", "What is 2+2?", "Name a fruit."])
+    got, _ = greedy(per_request, prompts, max_tokens=8)
+    after = per_request.apply_model(enclave_info)[0]["ahead"]
+    assert after["hits"] - before["hits"] == 4, (before, after)
+    assert got == greedy(engines.get("none"), prompts, max_tokens=8)[0]
+
+
 def test_refusals_name_the_feature(model_path):
     from vllm import LLM
 

@@ -21,7 +21,7 @@ KEY = bytes(range(32))
 
 
 def test_request_matrices_are_inverse_pairs_bounded_and_dense():
-    seed = T.request_seed(KEY, T.fresh_key_id())
+    seed = T.request_seed(KEY, T.FreshKeyIds().next())
     mats = T.request_material([seed], layers=range(3), kv_heads=range(2), head_dim=64)[0].double()  # [L, 4, H, d, d]
     m, m_inv_t, a, a_inv = mats.unbind(1)
     eye = torch.eye(64, dtype=torch.float64)
@@ -52,9 +52,14 @@ def test_request_matrices_depend_on_key_id_layer_and_head_only():
 
 def test_key_ids():
     assert T.tenant_key_id("tenant-a") == T.tenant_key_id("tenant-a") != T.tenant_key_id("tenant-b")
-    assert len(T.tenant_key_id("x")) == 32 and "tenant" not in T.tenant_key_id("tenant-a")
-    fresh = {T.fresh_key_id() for _ in range(100)}
-    assert len(fresh) == 100 and all(len(k) == 32 for k in fresh)
+    assert T.tenant_key_id("x").startswith("t") and "tenant" not in T.tenant_key_id("tenant-a")
+    engine, other_engine = T.FreshKeyIds(), T.FreshKeyIds()
+    fresh = [engine.next() for _ in range(100)] + [other_engine.next() for _ in range(100)]
+    assert len(set(fresh)) == 200, "fresh ids repeat (within an engine or across two)"
+    assert all(T.is_key_id(k) and k.startswith("f") for k in fresh) and T.is_key_id(T.tenant_key_id("x"))
+    assert not any(T.is_key_id(k) for k in ("a" * 32, "f" * 31, "f" + "g" * 31, 7, None))
+    assert T.following_key_ids(fresh[3], 5) == fresh[4:9], "the enclave's guess of the next ids"
+    assert T.following_key_ids(T.tenant_key_id("x"), 5) == []
     assert T.request_seed(KEY, "a" * 32) != T.request_seed(KEY, "b" * 32) != T.request_seed(bytes(32), "b" * 32)
     with pytest.raises(ValueError, match="key must be 32 bytes"):
         T.request_seed(b"short", "a" * 32)
@@ -108,11 +113,11 @@ def params_of(key_id):
 def make_rows(max_rows=4):
     calls = []
 
-    def seeds(ids):
+    def materials(ids):
         calls.append(list(ids))
-        return [T.request_seed(KEY, k) for k in ids]
+        return T.request_material([T.request_seed(KEY, k) for k in ids], range(2), [0, 1], 8)
 
-    rows = request_keys.RequestKeyRows(range(2), [0, 1], 8, max_rows, torch.float32, "cpu", seeds)
+    rows = request_keys.RequestKeyRows(range(2), [0, 1], 8, max_rows, torch.float32, "cpu", materials)
     return rows, calls
 
 
@@ -164,6 +169,13 @@ def test_a_request_without_key_id_is_refused():
         rows.apply(BatchUpdate(batch_size=1, removed=[], added=[(0, SamplingParams(), None, [])], moved=[]))
 
 
+def test_matrices_that_do_not_fit_the_worker_are_refused():
+    wrong = request_keys.RequestKeyRows(range(2), [0, 1], 8, 4, torch.bfloat16, "cpu", make_rows()[0]._materials)  # fp32 answers
+    with pytest.raises(ShieldError, match=r"answered matrices \(1, 2, 4, 2, 8, 8\) torch.float32"):
+        wrong.apply(BatchUpdate(batch_size=1, removed=[], added=[(0, params_of("a" * 32), None, [])], moved=[]))
+    assert not wrong.key_ids
+
+
 # --- the per-token mix -----------------------------------------------------------------------
 
 
@@ -206,6 +218,24 @@ def test_each_token_is_mixed_with_its_own_requests_matrices(installed_rows):
         undone = torch.einsum("thgd,hde->thge", o2[t].view(-1, h, g, d), mats[2])
         torch.testing.assert_close(undone, q2[t].view(-1, h, g, d), atol=1e-4, rtol=1e-4)
     assert not (q2[10:].any() or k2[10:].any() or v2[10:].any()), "padding tokens must come out zero"
+
+
+@pytest.mark.parametrize("rows_in_step", [1, 4])
+def test_a_decode_step_mixes_each_row_with_its_own_matrices(installed_rows, rows_in_step):
+    """The one-matmul path: every row of the step decodes one token (and the batch may hold more rows)."""
+    rows, ids = installed_rows
+    request_mix.begin_step(request_mix.StepPlan.from_query_start_loc(list(range(rows_in_step + 1))))
+    h, g, d = 2, 3, 8
+    qkv = torch.randn(rows_in_step, h * g * d + 2 * h * d)
+    q, k, v = qkv.split([h * g * d, h * d, h * d], dim=-1)  # views, as vLLM's attention forward passes them
+    q2, k2, v2 = request_mix.request_mix(q, k, v, layer=0, kv_heads=h)
+    o2 = request_mix.request_unmix(q, layer=0, kv_heads=h)
+    for r in range(rows_in_step):
+        mats = expected(ids[r])[0]  # layer 0: [4, H, d, d]
+        torch.testing.assert_close(k2[r].view(h, d), torch.einsum("hd,hde->he", k[r].view(h, d), mats[0]))
+        torch.testing.assert_close(q2[r].view(h, g, d), torch.einsum("hgd,hde->hge", q[r].view(h, g, d), mats[1]))
+        torch.testing.assert_close(v2[r].view(h, d), torch.einsum("hd,hde->he", v[r].view(h, d), mats[2]))
+        torch.testing.assert_close(o2[r].view(h, g, d), torch.einsum("hgd,hde->hge", q[r].view(h, g, d), mats[3]))
 
 
 def test_without_a_plan_nothing_passes_unmixed(installed_rows):

@@ -70,6 +70,8 @@ def test_concurrent_chats_answer_as_plain_vllm(server, engines):
     families = {f.name: f for f in text_string_to_metric_families(scrape(server))}
     keys = families["kvshield_request_keys"].samples[0].value
     assert keys >= len(requests), f"{keys} request keys for {len(requests)} requests"
+    ready = families["kvshield_request_keys_ready"].samples[0].value
+    assert 1 <= ready < keys, f"{ready} of {keys} requests found their matrices expanded ahead (the first wave cannot)"
     info = families["kvshield_info"].samples[0].labels
     assert info["mode"] == "per-request"
 

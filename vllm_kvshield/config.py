@@ -12,6 +12,7 @@ from .transforms import MODES
 
 CONFIG_KEY = "kvshield"
 DEFAULT_MODE = "mix"
+DEFAULT_PREPARE_AHEAD = 64
 # What the evaluation tools (attack, bench) compare: the plugin installed without the flag, then every mode.
 PLAIN_MODE = "none"
 COMPARED_MODES = (PLAIN_MODE, *MODES)
@@ -40,6 +41,9 @@ class ShieldConfig:
     key_file: str | None = None  # None: a fresh random key per start
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a private local Ray per server; "auto": the running cluster
     enclave_resources: dict[str, float] | None = None  # Ray custom resources that pin the enclave actor
+    # mode per-request: fresh requests whose matrices the enclave expands before they arrive, per worker
+    # (enclave memory: this many times a request's matrices, 4 L H_kv d^2 numbers); 0: each when it arrives
+    prepare_ahead: int = DEFAULT_PREPARE_AHEAD
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -48,6 +52,8 @@ class ShieldConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ShieldConfigError(f"kvshield: {name} must be a non-empty string, got {value!r}")
+        if isinstance(self.prepare_ahead, bool) or not isinstance(self.prepare_ahead, int) or not 0 <= self.prepare_ahead <= 4096:
+            raise ShieldConfigError(f"kvshield: prepare_ahead must be an integer from 0 to 4096, got {self.prepare_ahead!r}")
         res = self.enclave_resources
         if res is not None and not (
             isinstance(res, dict)

@@ -3,9 +3,10 @@
 One actor per server (named after vLLM's instance id), shared by all its workers.
 It generates the key from the OS CSPRNG or reads a key file, and answers one
 call per layer: transformed attention tensors plus the device material the
-layer needs. In mode per-request it also answers, per new request, the seed of that
-request's runtime matrices (an HMAC of the key and the request's key id, which predicts
-that request's matrices and nothing else). No method returns the key; it exposes a
+layer needs. In mode per-request it also answers, per new request, that request's runtime
+matrices, expanded from an HMAC of the key and the request's key id (which predicts that
+request's matrices and nothing else); the next fresh key ids' matrices are expanded ahead, on
+the enclave's CPU (material_ahead.py). No method returns the key or a seed; it exposes a
 fingerprint and counters. The Ray it lives in is ray_session's business.
 
     handle = connect(ShieldConfig(mode="mix"), name=enclave_name(vllm_config))
@@ -20,6 +21,7 @@ import torch
 from . import transforms
 from .config import ShieldConfig, ShieldError
 from .keys import read_key_file
+from .material_ahead import MaterialAhead
 from .ray_session import DEPLOYMENT_PREFIX, NAMESPACE, error_cause, init_ray
 
 CALL_TIMEOUT_S = 300.0
@@ -28,7 +30,7 @@ CALL_TIMEOUT_S = 300.0
 class Enclave:
     """Holds the key; transforms one layer per call. Runs as a Ray actor."""
 
-    def __init__(self, mode: str, key_file: str | None):
+    def __init__(self, mode: str, key_file: str | None, prepare_ahead: int = 0, torch_threads: int | None = None):
         self._key = read_key_file(key_file) if key_file else transforms.new_key()
         self._mode = mode
         self._fingerprint = transforms.fingerprint(self._key)
@@ -36,6 +38,9 @@ class Enclave:
         self._bytes = 0
         self._seconds: list[float] = []
         self._request_seeds = 0
+        self._ahead = MaterialAhead(self._expand, prepare_ahead) if mode == "per-request" else None
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)  # this process's
 
     def __repr__(self) -> str:
         return f"Enclave(mode={self._mode!r}, fingerprint={self._fingerprint!r})"
@@ -56,6 +61,7 @@ class Enclave:
             "bytes_transformed": self._bytes,
             "transform_seconds": list(self._seconds),
             "request_seeds": self._request_seeds,
+            "ahead": self._ahead.counts() if self._ahead else None,  # mode per-request: material_ahead's counters
         }
 
     def transform(self, layer: int, shape: transforms.AttentionShape, tensors: dict, dtype: torch.dtype):
@@ -66,15 +72,23 @@ class Enclave:
         self._bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         return out, material
 
-    def request_seeds(self, key_ids: list[str]) -> list[bytes]:
-        """Mode per-request: one 32-byte seed per key id (a request's, or a tenant's)."""
+    def request_material(self, key_ids: list[str], layers: list[int], kv_heads: list[int], head_dim: int, dtype: torch.dtype):
+        """Mode per-request: [N, L, 4, H, d, d] runtime matrices of these key ids (a request's, or a tenant's), for
+        one worker's layers and KV heads, in its dtype (transforms.request_material)."""
         if self._mode != "per-request":
-            raise ShieldError(f"kvshield: request seeds exist only in mode per-request; this enclave runs {self._mode!r}")
-        bad = [k for k in key_ids if not (isinstance(k, str) and len(k) == transforms.KEY_ID_CHARS)]
-        if bad:
-            raise ShieldError(f"kvshield: malformed key id(s) {bad!r}; a key id is {transforms.KEY_ID_CHARS} hex digits")
+            raise ShieldError(f"kvshield: request matrices exist only in mode per-request; this enclave runs {self._mode!r}")
+        bad = [k for k in key_ids if not transforms.is_key_id(k)]
+        if bad or not key_ids:
+            raise ShieldError(f"kvshield: malformed key id(s) {bad!r}; a key id is {transforms.KEY_ID_CHARS} characters: "
+                              f"{transforms.TENANT!r} or {transforms.FRESH!r}, then hex digits")
+        part = (tuple(int(i) for i in layers), tuple(int(h) for h in kv_heads), int(head_dim), dtype)
         self._request_seeds += len(key_ids)
-        return [transforms.request_seed(self._key, k) for k in key_ids]
+        return self._ahead.take(list(key_ids), part)
+
+    def _expand(self, key_ids: list[str], part) -> torch.Tensor:
+        layers, kv_heads, head_dim, dtype = part
+        seeds = [transforms.request_seed(self._key, k) for k in key_ids]
+        return transforms.request_material(seeds, layers, kv_heads, head_dim).to(dtype)
 
 
 def enclave_name(vllm_config) -> str:
@@ -92,7 +106,9 @@ def connect(cfg: ShieldConfig, name: str):
     options = dict(name=name, namespace=NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=0)
     if cfg.enclave_resources:
         options["resources"] = dict(cfg.enclave_resources)
-    handle = ray.remote(Enclave).options(**options).remote(cfg.mode, cfg.key_file)
+    # mode per-request: its thread expands matrices while the server runs; one core, not every core vLLM's worker uses
+    threads = 1 if cfg.mode == "per-request" else None
+    handle = ray.remote(Enclave).options(**options).remote(cfg.mode, cfg.key_file, cfg.prepare_ahead, threads)
     info = call(handle, "info")
     if info["mode"] != cfg.mode:
         raise ShieldError(f"kvshield: enclave {name!r} runs mode {info['mode']!r}, this worker asked for {cfg.mode!r}")
@@ -116,10 +132,12 @@ def transform(handle, layer: int, shape: transforms.AttentionShape, tensors: dic
     return call(handle, "transform", layer, shape, tensors, dtype)
 
 
-def request_seeds(handle, key_ids: list[str]) -> list[bytes]:
-    """The seeds of new requests' runtime matrices (mode per-request), one enclave round trip.
+def request_material(handle, key_ids: list[str], layers: list[int], kv_heads: list[int], head_dim: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """New requests' runtime matrices (mode per-request) [N, L, 4, H, d, d], one enclave round trip.
 
     Unlike the load, this runs while serving: without its enclave the server cannot key a new
     request, and stops rather than serve one unshielded.
     """
-    return call(handle, "request_seeds", key_ids, refusing="mode per-request cannot key new requests; refusing to serve them")
+    return call(handle, "request_material", key_ids, layers, kv_heads, head_dim, dtype,
+                refusing="mode per-request cannot key new requests; refusing to serve them")

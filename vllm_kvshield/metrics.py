@@ -47,6 +47,7 @@ class EnclaveFacts:
     bytes_transformed: int  # checkpoint bytes sent through the enclave
     transform_seconds: tuple[float, ...]  # one entry per transform call
     request_seeds: int  # mode per-request: request seeds derived (one per request entering a worker's batch)
+    requests_ready_ahead: int  # of those, requests whose matrices the enclave had expanded before they came
 
     @classmethod
     def from_info(cls, info: dict) -> "EnclaveFacts":
@@ -55,6 +56,7 @@ class EnclaveFacts:
             bytes_transformed=int(info["bytes_transformed"]),
             transform_seconds=tuple(info["transform_seconds"]),
             request_seeds=int(info["request_seeds"]),
+            requests_ready_ahead=int((info.get("ahead") or {}).get("hits", 0)),
         )
 
 
@@ -188,6 +190,12 @@ class ShieldCollector(Collector):
             )
             seeds.add_metric([], float(facts.request_seeds))
             yield seeds
+            ready = CounterMetricFamily(
+                "kvshield_request_keys_ready",
+                "Of those, requests whose matrices the enclave had expanded before they came (mode per-request)",
+            )
+            ready.add_metric([], float(facts.requests_ready_ahead))
+            yield ready
 
 
 _installed: ShieldCollector | None = None  # the collector on the default registry, one per process

@@ -169,14 +169,16 @@ class ShieldedModel:
     def _install_request_rows(self, handle) -> None:
         """This worker's per-request matrices, one row per batch row (mode per-request)."""
         attn = self.model.layers[self.model.start_layer].self_attn
+        layers, kv_heads = list(self._local_layers()), local_kv_heads(attn.total_num_kv_heads).tolist()
         rows = request_keys.RequestKeyRows(
-            layers=self._local_layers(),
-            kv_heads=local_kv_heads(attn.total_num_kv_heads).tolist(),
+            layers=layers,
+            kv_heads=kv_heads,
             head_dim=attn.head_dim,
             max_rows=self._max_rows,
             dtype=self._dtype,
             device=next(self.parameters()).device,
-            seeds=functools.partial(enclave.request_seeds, handle),
+            materials=functools.partial(enclave.request_material, handle, layers=layers, kv_heads=kv_heads,
+                                        head_dim=attn.head_dim, dtype=self._dtype),
         )
         request_keys.install(rows)
         logger.info("kvshield: per-request matrices: %.2f MiB per request in the batch (up to %d)", rows.row_bytes / 2**20, self._max_rows)

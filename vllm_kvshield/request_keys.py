@@ -8,15 +8,16 @@ in batch row i, so a step's tokens find their request's matrices by batch row, a
 step's rows 0..n-1 are one contiguous slice (nothing is gathered per step). Rows of no request
 are zero: a token without a request is mixed to zero, never passed through in the clear.
 
-    rows = RequestKeyRows(layers=range(30), kv_heads=[0, 1, 2], head_dim=64, max_rows=256,
-                          dtype=torch.bfloat16, device="cpu", seeds=lambda ids: enclave.request_seeds(h, ids))
+    rows = RequestKeyRows(layers=range(30), kv_heads=[0, 1, 2], head_dim=64, max_rows=256, dtype=torch.bfloat16,
+                          device="cpu", materials=lambda ids: enclave.request_material(h, ids, range(30), [0, 1, 2], 64, torch.bfloat16))
     install(rows)                   # the worker's model, at load
     rows.apply(batch_update)        # before each step (KeyRowsProcessor.update_state)
     rows.layer(0)                   # [4, max_rows, H, d, d]: M, M^{-T}, A, A^{-1} per row and head
 
 The key id of a request comes from its SamplingParams.extra_args, where the engine core put it
-(patches/key_ids.py); the seed of a key id comes from the enclave, one round trip per step
-that adds requests. The worker holds the expanded matrices (and a seed while it expands it);
+(patches/key_ids.py); the matrices of a key id come from the enclave, expanded there (most
+often before the request arrived: material_ahead.py), one round trip per step that adds
+requests. The worker holds the expanded matrices of the requests in its batch; never a seed,
 never the server key.
 """
 
@@ -25,7 +26,6 @@ from collections.abc import Callable, Sequence
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from . import transforms
 from .config import ShieldError
 
 KEY_ID_ARG = "kvshield_key_id"  # SamplingParams.extra_args entry; only the engine core sets it
@@ -45,14 +45,14 @@ class RequestKeyRows:
         max_rows: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        seeds: Callable[[list[str]], list[bytes]],
+        materials: Callable[[list[str]], torch.Tensor],
     ):
         self.layers = list(layers)  # global indices of this worker's layers
         self.kv_heads = list(kv_heads)  # global indices of this rank's KV heads
         self.head_dim = head_dim
         self.max_rows = max_rows
         self._first = self.layers[0]
-        self._seeds = seeds
+        self._materials = materials  # key ids -> [N, L, 4, H, d, d] (the enclave's request_material)
         # [L, 4, R, H, d, d]: per layer and part, rows a..b are one contiguous [b-a, H, d, d] slice
         shape = (len(self.layers), 4, min(max_rows, INITIAL_ROWS), len(self.kv_heads), head_dim, head_dim)
         self.material = torch.zeros(shape, dtype=dtype, device=device)
@@ -99,12 +99,13 @@ class RequestKeyRows:
             self._clear(row)
         if update.added:
             key_ids = [key_id(params) for _, params, _, _ in update.added]
-            seeds = self._seeds(key_ids)
-            if len(seeds) != len(key_ids):
-                raise ShieldError(f"kvshield: the enclave answered {len(seeds)} seeds for {len(key_ids)} requests")
-            mats = transforms.request_material(seeds, self.layers, self.kv_heads, self.head_dim)  # [N, L, 4, H, d, d]
+            mats = self._materials(key_ids)  # [N, L, 4, H, d, d]
+            want = (len(key_ids), *self.material.shape[:2], *self.material.shape[3:])
+            if tuple(mats.shape) != want or mats.dtype != self.material.dtype:
+                raise ShieldError(f"kvshield: the enclave answered matrices {tuple(mats.shape)} {mats.dtype}, "
+                                  f"this worker needs {want} {self.material.dtype}")
             for (row, *_), kid, m in zip(update.added, key_ids, mats):
-                self.material[:, :, row] = m.to(self.material.dtype)
+                self.material[:, :, row] = m
                 self.key_ids[row] = kid
         for a, b, direction in update.moved:
             if direction == MoveDirectionality.SWAP:

@@ -67,6 +67,9 @@ def _apply(x: torch.Tensor, layer: int, part: str, heads: int) -> torch.Tensor:
         return torch.zeros_like(x)
     mats = request_keys.current().layer(layer)[PARTS[part]]  # [R, H, d, d]
     d = mats.shape[-1]
+    if _plan.runs == ((0, _plan.num_rows, 0),) and x.shape[0] == _plan.num_tokens:  # a decode step: one matmul
+        n = _plan.num_rows
+        return torch.matmul(x.view(n, heads, -1, d), mats[:n]).view(n, -1)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.shape[0] > _plan.num_tokens:
         out[_plan.num_tokens :] = 0  # padding tokens

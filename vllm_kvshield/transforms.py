@@ -391,17 +391,55 @@ def mix_qk(
 
 # --- per-request material ------------------------------------------------------------------
 
-KEY_ID_CHARS = 32  # hex
+KEY_ID_CHARS = 32  # a kind letter, then hex
+TENANT, FRESH = "t", "f"  # key id kinds: a tenant's (from its cache_salt), one request's
+NONCE_CHARS = 15  # a fresh key id: "f", an engine's nonce, a counter
+COUNTER_CHARS = KEY_ID_CHARS - 1 - NONCE_CHARS
 
 
 def tenant_key_id(cache_salt: str) -> str:
     """The key id of every request with this cache_salt: a hash, so the salt itself never reaches a worker."""
-    return hashlib.sha256(KDF_VERSION + b"/key-id\0" + cache_salt.encode()).hexdigest()[:KEY_ID_CHARS]
+    return TENANT + hashlib.sha256(KDF_VERSION + b"/key-id\0" + cache_salt.encode()).hexdigest()[: KEY_ID_CHARS - 1]
 
 
-def fresh_key_id() -> str:
-    """A key id for one request alone, from the OS CSPRNG."""
-    return secrets.token_hex(KEY_ID_CHARS // 2)
+class FreshKeyIds:
+    """Key ids of requests of their own: an engine's random nonce, then a counter.
+
+    Unique for the key's life (the nonce is new at each start, also with a key file), and public:
+    a key id's seed is an HMAC under the server key (request_seed), so knowing ids predicts no
+    matrix. Counting (not drawing) them lets the enclave expand the next ids' matrices before
+    their requests arrive (following_key_ids).
+
+        ids = FreshKeyIds(); ids.next()   # 'f3a9...0000000000000000', then '...0001'
+    """
+
+    def __init__(self):
+        self.nonce = secrets.token_hex(8)[:NONCE_CHARS]
+        self.count = 0
+
+    def next(self) -> str:
+        key_id = f"{FRESH}{self.nonce}{self.count:0{COUNTER_CHARS}x}"
+        self.count += 1
+        return key_id
+
+
+def is_key_id(key_id) -> bool:
+    return (isinstance(key_id, str) and len(key_id) == KEY_ID_CHARS and key_id[0] in (TENANT, FRESH)
+            and all(c in "0123456789abcdef" for c in key_id[1:]))
+
+
+def fresh_engine(key_id: str) -> str | None:
+    """The engine part of a fresh key id ("f" and its nonce); None for a tenant's."""
+    return key_id[: 1 + NONCE_CHARS] if key_id.startswith(FRESH) else None
+
+
+def following_key_ids(key_id: str, n: int) -> list[str]:
+    """The n fresh key ids an engine hands out after this one; none after a tenant's."""
+    head = fresh_engine(key_id)
+    if head is None:
+        return []
+    count = int(key_id[len(head) :], 16)
+    return [f"{head}{c:0{COUNTER_CHARS}x}" for c in range(count + 1, min(count + 1 + n, 16**COUNTER_CHARS))]
 
 
 def request_seed(key: bytes, key_id: str) -> bytes:

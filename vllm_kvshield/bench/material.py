@@ -47,7 +47,8 @@ def held_material(model) -> dict:
 
 def generation_seconds(layers: int, kv_heads: int, head_dim: int, batches: tuple[int, ...], repeats: int) -> dict:
     """Seconds transforms.request_material takes (fp32, this process, all its threads) for n requests at once:
-    what a worker spends in the step that adds n requests to its batch. Median over repeats, per n."""
+    what the enclave spends on n requests (ahead of them, or while the step that adds them waits). Median over
+    repeats, per n."""
     out = {}
     for n in batches:
         seeds = [secrets.token_bytes(transforms.KEY_BYTES) for _ in range(n)]  # throwaway: timing only
@@ -72,7 +73,7 @@ def step_seconds(layers: int, q_heads: int, kv_heads: int, head_dim: int, batch:
 
     block_size = 128
     rows = request_keys.RequestKeyRows(range(layers), range(kv_heads), head_dim, max_rows=batch, dtype=dtype,
-                                       device="cpu", seeds=lambda ids: [secrets.token_bytes(transforms.KEY_BYTES) for _ in ids])
+                                       device="cpu", materials=None)  # never asked: the rows are set below
     rows.material = torch.randn(layers, 4, batch, kv_heads, head_dim, head_dim).to(dtype)
     q = torch.randn(batch, q_heads * head_dim).to(dtype)
     k, v = torch.randn(batch, kv_heads * head_dim).to(dtype), torch.randn(batch, kv_heads * head_dim).to(dtype)

@@ -167,9 +167,11 @@ def _material(r: dict) -> list[str]:
             f"{m['kv_heads']} x {m['head_dim']}^2 numbers in {m['dtype']}: **{m['request_bytes'] / MiB:.2f} MiB** "
             "(a decode step reads every row of its batch).",
             "",
-            "Generating them (`transforms.request_material`, fp32, in the bench process with the engines shut down; "
-            "the worker does this in the step that adds the requests to its batch, on one thread: vLLM's CPU worker "
-            "binds its OpenMP threads to core 0 and reserves core 1 on this 2-core machine):",
+            "Generating them (`transforms.request_material`, fp32, in the bench process with the engines shut down). "
+            "The enclave does this on one thread of its own: for fresh requests ahead of their arrival (config "
+            "`prepare_ahead`), else in the step that adds the request to a worker's batch, which then waits for it "
+            "(vLLM's CPU worker binds its OpenMP threads to core 0 and reserves core 1 on this 2-core machine; the "
+            "enclave is not pinned):",
             "",
         ]
         lines += _table(
@@ -313,6 +315,15 @@ def _serving(r: dict) -> list[str]:
                          f"{x['p50_e2el_ms']:.0f}", f"{x['preemptions']:g}", x["runs"]])
     lines += _table(["in flight", "server", "requests/s", "output tokens/s", "TTFT p50/p90/p99 (ms)",
                      "TPOT p50/p90/p99 (ms)", "E2E p50 (ms)", "preemptions", "runs"], rows)
+    keyed = [(c, x) for c, x in sv.get(PER_REQUEST, {}).items() if "kvshield_request_keys" in x]
+    if keyed:
+        lines += [
+            "Per-request server: request keys the enclave served over each load (warm-up included; medians over "
+            "rounds), and how many of those requests found their matrices expanded ahead (`prepare_ahead`): "
+            + ", ".join(f"{c} in flight {x['kvshield_request_keys_ready']:g} of {x['kvshield_request_keys']:g}"
+                        for c, x in sorted(keyed, key=lambda cx: int(cx[0]))) + ".",
+            "",
+        ]
     ratios = sv.get("ratio_to_plain", {})
     if ratios:
         lines += [

@@ -28,6 +28,9 @@ KEPT = ("duration", "completed", "failed", "total_input_tokens", "total_output_t
         "output_throughput", "total_token_throughput")
 RATIOS = ("request_throughput", "output_throughput", "p50_ttft_ms", "p50_tpot_ms", "p50_e2el_ms")
 PREEMPTIONS = re.compile(r"^vllm:num_preemptions_total(?:\{[^}]*\})? (?P<count>[\d.e+]+)$", re.MULTILINE)
+# mode per-request: request keys the enclave served, and those it had expanded ahead (kvshield's counters)
+REQUEST_KEYS = {name: re.compile(rf"^{name}_total (?P<count>[\d.e+]+)$", re.MULTILINE)
+                for name in ("kvshield_request_keys", "kvshield_request_keys_ready")}
 METRICS_TIMEOUT_S = 30.0
 
 
@@ -44,14 +47,19 @@ def sample_requests(tokenizer, count: int, output_len: int) -> list:
     ]
 
 
-def preemptions(base_url: str) -> int:
-    """vLLM's count of preempted requests since the server started (its Prometheus counter)."""
+def counters(base_url: str) -> dict[str, int]:
+    """From one scrape: vLLM's count of preempted requests since the server started and, on a per-request server,
+    kvshield's request key counters."""
     with urllib.request.urlopen(base_url + "/metrics", timeout=METRICS_TIMEOUT_S) as response:
         text = response.read().decode("utf-8")
     counts = [float(m["count"]) for m in PREEMPTIONS.finditer(text)]
     if not counts:
         raise RuntimeError(f"kvshield: {base_url}/metrics has no vllm:num_preemptions_total")
-    return int(sum(counts))
+    out = {"preemptions": int(sum(counts))}
+    for name, pattern in REQUEST_KEYS.items():
+        if m := pattern.search(text):
+            out[name] = int(float(m["count"]))
+    return out
 
 
 def run_load(base_url: str, tokenizer, requests: list, in_flight: int, settings: Settings, log_file) -> dict:
@@ -83,7 +91,7 @@ def run_load(base_url: str, tokenizer, requests: list, in_flight: int, settings:
         extra_body={"temperature": 1.0, "top_p": 1.0},
         ready_check_timeout_sec=600,  # the server already answered /health; a busy machine may still be slow
     )
-    before = preemptions(base_url)
+    before = counters(base_url)
     with contextlib.redirect_stdout(log_file), contextlib.redirect_stderr(log_file):
         result = asyncio.run(coroutine)
     if result["failed"]:
@@ -95,7 +103,9 @@ def run_load(base_url: str, tokenizer, requests: list, in_flight: int, settings:
         for p in PERCENTILES:
             kept[f"p{p:g}_{metric}_ms"] = result[f"p{p:g}_{metric}_ms"]
     kept["in_flight"] = in_flight
-    kept["preemptions"] = preemptions(base_url) - before  # the warm-up requests' included
+    after = counters(base_url)
+    for name, value in after.items():  # the warm-up requests' included
+        kept[name] = value - before[name]
     return kept
 
 

@@ -8,8 +8,9 @@ request before its block hashes are computed (Request.__init__ hashes with the s
 wrap EngineCore.preprocess_add_request, the one place where the engine core turns an
 EngineCoreRequest into a Request, and there:
   - a request with a cache_salt (prefix caching on) gets its tenant's key id, a hash of the salt;
-  - any other request gets a fresh random key id and, if it has no salt, a fresh random salt, so
-    its blocks are never shared with another request (they hold another key's rows);
+  - any other request gets a fresh key id (this engine's nonce and a counter: transforms.FreshKeyIds)
+    and, if it has no salt, a fresh random salt, so its blocks are never shared with another
+    request (they hold another key's rows);
   - extra_args["kvshield_key_id"] is set, replacing whatever a client sent (the front end also
     refuses client-set values, request_keys.KeyRowsProcessor.validate_params).
 Guarded: a no-op unless the engine's kvshield mode is per-request; read against the versions
@@ -21,6 +22,7 @@ refuses mode per-request (`missing()`).
 
 import functools
 import logging
+import secrets
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
 SALT_PREFIX = "kvshield-request-"  # marks the salts this patch draws (one request's, never a tenant's)
@@ -38,10 +40,22 @@ def assign_key_id(request, prefix_caching: bool) -> None:
     if prefix_caching and request.cache_salt is not None:
         key_id = transforms.tenant_key_id(request.cache_salt)
     else:
-        key_id = transforms.fresh_key_id()
+        key_id = _fresh_ids().next()
         if request.cache_salt is None:
-            request.cache_salt = SALT_PREFIX + transforms.fresh_key_id()
+            request.cache_salt = SALT_PREFIX + secrets.token_hex(16)
     request.sampling_params.extra_args = {**(request.sampling_params.extra_args or {}), KEY_ID_ARG: key_id}
+
+
+_fresh = None  # this engine core's FreshKeyIds
+
+
+def _fresh_ids():
+    global _fresh
+    if _fresh is None:
+        from vllm_kvshield import transforms
+
+        _fresh = transforms.FreshKeyIds()
+    return _fresh
 
 
 def _engine_core_class():

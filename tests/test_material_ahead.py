@@ -1,0 +1,125 @@
+"""Mode per-request in the enclave: request matrices expanded ahead are the ones expanded on demand, and the
+enclave hands out matrices, never a seed or the key (the enclave object itself, without Ray)."""
+
+import pickle
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_kvshield import enclave
+from vllm_kvshield import transforms as T
+from vllm_kvshield.config import ShieldError
+from vllm_kvshield.enclave import Enclave
+from vllm_kvshield.material_ahead import MaterialAhead
+
+KEY = bytes(range(50, 82))
+PART = ((0, 1), (0, 1), 8, torch.float32)  # layers, KV heads, head dim, dtype of one worker
+
+
+def expand(ids, part):
+    layers, heads, d, dtype = part
+    return T.request_material([T.request_seed(KEY, k) for k in ids], layers, heads, d).to(dtype)
+
+
+def wait_for(condition, seconds=20.0):
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "the expanding thread did not get there"
+        time.sleep(0.01)
+
+
+def test_ready_matrices_equal_those_expanded_on_demand():
+    ids = T.FreshKeyIds()
+    first, *later = [ids.next() for _ in range(6)]
+    ahead = MaterialAhead(expand, depth=3)
+    torch.testing.assert_close(ahead.take([first], PART), expand([first], PART))
+    wait_for(lambda: ahead.made == 3)  # the next three ids, and no more
+    got = ahead.take(later[:4], PART)  # three ready, the fourth expanded now
+    assert ahead.hits == 3
+    torch.testing.assert_close(got, expand(later[:4], PART), rtol=1e-6, atol=1e-6)
+    wait_for(lambda: ahead.made == 6)
+    other_worker = ((2,), (1,), 8, torch.float32)  # another pipeline stage / TP rank: its own queue
+    ahead.take([later[4]], other_worker)
+    assert ahead.hits == 3, "one worker's ready matrices served another's slice"
+
+
+def test_tenants_queue_nothing_and_depth_zero_never_expands_ahead():
+    ahead = MaterialAhead(expand, depth=4)
+    tenant = T.tenant_key_id("tenant-a")
+    torch.testing.assert_close(ahead.take([tenant], PART), expand([tenant], PART))
+    torch.testing.assert_close(ahead.take([tenant], PART), expand([tenant], PART))  # same tenant, same numbers
+    off = MaterialAhead(expand, depth=0)
+    off.take([T.FreshKeyIds().next()], PART)
+    time.sleep(0.2)
+    assert ahead.made == 0 and off.made == 0 and ahead._thread is None and off._thread is None
+
+
+def test_a_failing_thread_leaves_requests_served():
+    calls = []
+
+    def flaky(ids, part):
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name == "kvshield-material-ahead":
+            raise RuntimeError("out of memory")
+        return expand(ids, part)
+
+    ahead = MaterialAhead(flaky, depth=2)
+    ids = T.FreshKeyIds()
+    first, second = ids.next(), ids.next()
+    ahead.take([first], PART)
+    wait_for(lambda: ahead.error is not None)
+    assert ahead.error == "RuntimeError: out of memory"
+    torch.testing.assert_close(ahead.take([second], PART), expand([second], PART))
+
+
+@pytest.fixture
+def per_request_enclave(tmp_path, monkeypatch):
+    ids = SimpleNamespace(get_actor_id=lambda: "actor-id", get_node_id=lambda: "node-id")
+    monkeypatch.setattr(enclave.ray, "get_runtime_context", lambda: ids)
+    path = tmp_path / "k.key"
+    path.write_bytes(KEY)
+    path.chmod(0o600)
+    return Enclave("per-request", str(path), prepare_ahead=2)
+
+
+def test_enclave_answers_matrices_not_seeds(per_request_enclave):
+    actor = per_request_enclave
+    ids = T.FreshKeyIds()
+    key_ids = [ids.next(), T.tenant_key_id("tenant-a")]
+    got = actor.request_material(key_ids, [0, 1], [0, 1], 8, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, 2, 4, 2, 8, 8)
+    torch.testing.assert_close(got, expand(key_ids, PART).to(torch.bfloat16))
+    wait_for(lambda: actor._ahead.made == 2)
+    actor.request_material([ids.next()], [0, 1], [0, 1], 8, torch.bfloat16)
+    info = actor.info()
+    assert info["request_seeds"] == 3 and info["ahead"]["hits"] == 1 and info["ahead"]["error"] is None
+    sent = pickle.dumps(got) + pickle.dumps(info) + repr(info).encode()
+    secrets = [KEY, KEY.hex().encode()] + [T.request_seed(KEY, k) for k in key_ids]
+    assert not any(s in sent for s in secrets), "a key or seed left the enclave"
+
+
+@pytest.mark.parametrize("bad", [["a" * 32], ["f" * 31], [], [7]])
+def test_enclave_refuses_malformed_key_ids(per_request_enclave, bad):
+    with pytest.raises(ShieldError, match="malformed key id"):
+        per_request_enclave.request_material(bad, [0], [0], 8, torch.float32)
+
+
+def test_request_matrices_only_in_mode_per_request(tmp_path, monkeypatch):
+    path = tmp_path / "k.key"
+    path.write_bytes(KEY)
+    path.chmod(0o600)
+    with pytest.raises(ShieldError, match="only in mode per-request; this enclave runs 'mix'"):
+        Enclave("mix", str(path)).request_material([T.tenant_key_id("a")], [0], [0], 8, torch.float32)
+
+
+@pytest.mark.parametrize("bad", [-1, 4097, 2.5, True, "64"])
+def test_prepare_ahead_must_be_a_count(bad):
+    from vllm_kvshield.config import ShieldConfig, ShieldConfigError
+
+    assert ShieldConfig.from_dict({"mode": "per-request"}).prepare_ahead == 64
+    assert ShieldConfig.from_dict({"mode": "per-request", "prepare_ahead": 0}).prepare_ahead == 0
+    with pytest.raises(ShieldConfigError, match=f"prepare_ahead must be an integer from 0 to 4096, got {bad!r}"):
+        ShieldConfig.from_dict({"mode": "per-request", "prepare_ahead": bad})
