@@ -59,6 +59,11 @@ CLAIMS = {
     "mix": {**{a: RESISTS for a in CIPHERTEXT}, "template_1": BREAKS, "chosen_plaintext": BREAKS, "cross_request_equality": BREAKS},
 }  # fmt: skip
 CLAIMS["per-request"] = {a: RESISTS for a in CIPHERTEXT + KNOWING}  # per-request keys, rows shuffled in blocks
+# K under a dense map after RoPE: sorted pair norms still hit a frequent token here and there, key-dependent. On these
+# three prompts (96 private tokens), simulated over 200 keys each (tests/attack/per_request_sim.py): mix 0.11% mean,
+# above 1% for 3 keys (max 5.0%); per-request 0.20% mean, above 1% for 12 keys (max 3.2%); all 70 requests of the
+# full run: 0.0% and 0.2%. Two lucky tokens exceed 1% here, so the claim is guessing level, as for mix-v.
+CLAIMS["mix"]["invariant_k"] = CLAIMS["per-request"]["invariant_k"] = GUESSES
 # Within one request the map is one, so equal tokens are equal V rows: labelling a request's groups by the public
 # prior gets some of its common repeated tokens right ("." , " my"), key-dependent (0.5-1.8% measured): guessing level.
 CLAIMS["per-request"]["equality_frequency"] = GUESSES
