@@ -1,5 +1,6 @@
 """The enclave actor and the Ray it lives in, without vLLM: processes stand in for a server's workers."""
 
+import json
 import os
 import subprocess
 import sys
@@ -132,3 +133,30 @@ def test_records_of_gone_servers_are_swept(tmp_path, monkeypatch):
                 f.write(json.dumps({"address": address, "auth_mode": "token"}) if address else '{"addr')
         ray_session.sweep_stale_records()
     assert [n for n, path in records.items() if os.path.exists(path)] == ["live"]
+
+
+PINNED_CHILD = textwrap.dedent(
+    """
+    import glob, json, os, subprocess, time
+    import torch
+    from vllm_kvshield.ray_session import off_compute_cores
+
+    # as vLLM's CPU worker: its thread pinned to core 0, libgomp preloaded and told to pin to core 0
+    os.sched_setaffinity(0, {0})
+    os.environ["LD_PRELOAD"] = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*"))[0]
+    os.environ["GOMP_CPU_AFFINITY"] = "0"
+    with off_compute_cores():
+        child = subprocess.Popen(["sleep", "5"])
+    time.sleep(1)  # libgomp pins when it loads
+    print(json.dumps([sorted(os.sched_getaffinity(child.pid)), sorted(os.sched_getaffinity(0)), os.environ["GOMP_CPU_AFFINITY"]]))
+    child.kill()
+    """
+)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or 0 not in os.sched_getaffinity(0), reason="needs core 0 and another")
+def test_what_a_pinned_worker_starts_runs_off_its_core():
+    out = subprocess.run([sys.executable, "-c", PINNED_CHILD], capture_output=True, text=True, timeout=60, check=True).stdout
+    child, after, env = json.loads(out)
+    assert child == sorted(os.sched_getaffinity(0) - {0}), f"a child started from a thread pinned to core 0 runs on {child}"
+    assert (after, env) == ([0], "0"), f"the thread is not pinned back as it was: {after}, GOMP_CPU_AFFINITY={env}"

@@ -84,6 +84,23 @@ def test_a_client_cannot_choose_a_key_id(server):
     assert "kvshield_key_id" in json.loads(err.value.read().decode())["error"]["message"]
 
 
+def test_the_enclave_and_its_ray_run_off_the_model_core(served):
+    """vLLM's CPU worker pins its compute thread; the private Ray its first worker starts (GCS, raylet, the
+    enclave making request matrices) must not inherit that pin and take turns with the model on its core."""
+    port, proc, tmpdir = served
+    procs = {p.pid: p for p in proc.descendants.values() if p.is_running()}
+    worker = [p for p in procs.values() if p.name().startswith("VLLM::Worker")]
+    assert worker, sorted(p.name() for p in procs.values())
+    compute = set(worker[0].cpu_affinity())  # its main thread: the one vLLM pinned
+    allowed = set(worker[0].parent().cpu_affinity())
+    if compute == allowed:
+        pytest.skip(f"the worker is pinned to every core it may use ({sorted(allowed)}): no core is off the model's")
+    ray_procs = [p for p in procs.values() if p.name() in ("gcs_server", "raylet", "ray::Enclave")]
+    assert {p.name() for p in ray_procs} == {"gcs_server", "raylet", "ray::Enclave"}, sorted(p.name() for p in procs.values())
+    for p in ray_procs:
+        assert not compute & set(p.cpu_affinity()), f"{p.name()} may run on {p.cpu_affinity()}, the model computes on {sorted(compute)}"
+
+
 def test_without_its_enclave_the_server_stops_rather_than_serve_a_new_request(served):
     """Last: a new request needs a key from the enclave; with the enclave killed, the request fails and
     the server exits with the reason, having answered nothing unshielded."""

@@ -1,9 +1,9 @@
-"""Mode per-request: after each forward step, the rows it wrote move to uniformly random slots of their block.
+"""Mode per-request: the rows a forward step wrote move to uniformly random slots of their block.
 
 Paged attention sums over a sequence's cached rows: every query after a row sees it, wherever
 in the sequence's blocks it sits, so the order of rows inside a block does not matter once the
-step that wrote them has run (a row's K and V move together; RoPE is already inside K). After
-each step, per layer and KV head, with fresh randomness that is never stored:
+layer's attention of the step that wrote them has run (a row's K and V move together; RoPE is
+already inside K). Each step, per layer and KV head, with fresh randomness that is never stored:
 
     a block that got one new row (decode) at slot r: swap it with a uniform slot j <= r
         (inside-out Fisher-Yates: the block stays a uniformly random arrangement of its rows)
@@ -15,16 +15,22 @@ block still tells which block-size positions it came from; its slot tells nothin
 
 Layout: vLLM 0.32's CPU cache is per layer [blocks, H_kv, block_size, 2*d], each (block, head) slab
 holding its slots' K and V at offsets that depend on the attention ISA (kv_layout.row_offsets, read
-off vLLM's own write op). Each layer's moves are one gather and one scatter of whole rows (K and V
-of a slot together, element by element) through those offsets.
+off vLLM's own write op). Rows move whole (K and V of a slot together, element by element) through
+those offsets, in place (kernels.swap_rows, kernels.move_rows). The moves of a step are drawn
+before its forward; the model applies each layer's right after that layer's attention (request_mix's
+unmix op), while the blocks it just read are still in the CPU's caches.
 
-    shuffle_step(kv_caches, starts=[0, 1, 2, 40], seq_lens=[70, 129, 38], block_table=bt,
-                 offsets=kv_layout.row_offsets("vec", 128, 64, torch.bfloat16), generator=g)
+    moves = plan_step(starts=[0, 1, 2, 40], seq_lens=[70, 129, 38], block_table=bt, block_size=128,
+                      heads=3, layers=30, generator=g)
+    moves.apply(layer=0, cache=kv_caches[0], offsets=kv_layout.row_offsets("vec", 128, 64, torch.bfloat16))
+    shuffle_step(kv_caches, starts, seq_lens, bt, offsets, g)    # the same for every layer at once
 """
 
 import secrets
 
 import torch
+
+from . import kernels
 
 
 def fresh_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -40,11 +46,12 @@ def plan_moves(starts: list[int], seq_lens: list[int], block_table: torch.Tensor
     block_table: [rows, max_blocks]. Row r wrote positions [seq_len - q_len, seq_len).
     """
     swaps, permutes = [], []
+    table = block_table[: len(starts) - 1].tolist()
     for row in range(len(starts) - 1):
         q_len, seq_len = starts[row + 1] - starts[row], seq_lens[row]
         first = seq_len - q_len
         for index in range(first // block_size, (seq_len - 1) // block_size + 1) if q_len else ():
-            block = int(block_table[row, index])
+            block = table[row][index]
             filled = min(block_size, seq_len - index * block_size)
             new = filled - max(0, first - index * block_size)  # rows of this block this step wrote
             if new == 1 and filled > 1:
@@ -54,49 +61,73 @@ def plan_moves(starts: list[int], seq_lens: list[int], block_table: torch.Tensor
     return swaps, permutes
 
 
-def _moves(swaps, permutes, layers: int, heads: int, generator, device):
-    """Every row move of one step: (block, head) slab [P], destination and source slot [L, P] per layer.
+def _swap_moves(swaps, layers: int, heads: int, generator):
+    """Decode moves, one per (block, head) slab: slab [S], the new row's slot r [S], and per layer the
+    slot j [L, S] it trades places with, uniform in [0, r] (j == r: it stays)."""
+    blocks = torch.tensor([blk for blk, _ in swaps])
+    slab = (blocks[:, None] * heads + torch.arange(heads)[None, :]).flatten()  # [S = n * H]
+    r = torch.tensor([slot for _, slot in swaps]).repeat_interleave(heads)
+    j = (torch.rand(layers, len(r), generator=generator) * (r + 1)).long()
+    return slab, r, j
 
-    The moves of one (layer, block, head) permute a set of its slots, so gathering every source
-    before scattering to every destination is exact.
-    """
-    head_ids = torch.arange(heads, device=device)
+
+def _permute_moves(permutes, layers: int, heads: int, generator):
+    """Prefill moves: every filled slot of each (block, head) slab that got several rows, slab [P], takes
+    the row of src [L, P] (a uniform permutation per layer and slab); dst [L, P] lists the slots in order."""
+    head_ids = torch.arange(heads)
     slabs, dst, src = [], [], []
-    if swaps:
-        n = len(swaps)
-        b = torch.tensor([blk for blk, _ in swaps], device=device)
-        r = torch.tensor([slot for _, slot in swaps], device=device)[None, :, None].expand(layers, n, heads)
-        j = (torch.rand(layers, n, heads, generator=generator, device=device) * (r + 1)).long()  # uniform in [0, r]
-        slab = b[:, None] * heads + head_ids[None, :]  # [n, H]
-        slabs.append(slab.repeat_interleave(2, dim=1).flatten())  # per block, per head: (new row -> j, row j -> r)
-        dst.append(torch.stack((j, r), dim=-1).flatten(1))
-        src.append(torch.stack((r, j), dim=-1).flatten(1))
     for block, filled in permutes:
-        perm = torch.argsort(torch.rand(layers, heads, filled, generator=generator, device=device), dim=-1)  # [L, H, m]
+        perm = torch.argsort(torch.rand(layers, heads, filled, generator=generator), dim=-1)  # [L, H, m]
         slabs.append((block * heads + head_ids).repeat_interleave(filled))
-        dst.append(torch.arange(filled, device=device).repeat(heads).expand(layers, -1))
+        dst.append(torch.arange(filled).repeat(heads).expand(layers, -1))
         src.append(perm.flatten(1))
     return torch.cat(slabs), torch.cat(dst, 1), torch.cat(src, 1)
 
 
+class StepMoves:
+    """One step's row moves in each of a worker's layers (by position 0..L-1), applied one layer at a time."""
+
+    def __init__(self, swaps, permutes, layers: int, heads: int, generator):
+        self.pending = set(range(layers))  # layers not yet shuffled
+        self.swaps = self.permutes = None
+        if swaps:
+            slab, r, j = _swap_moves(swaps, layers, heads, generator)
+            self.swaps = slab.numpy(), r.numpy(), j.numpy()
+        if permutes:
+            slabs, dst, src = _permute_moves(permutes, layers, heads, generator)
+            self.permutes = slabs.numpy(), dst.numpy(), src.numpy()
+
+    def apply(self, layer: int, cache: torch.Tensor, offsets: torch.Tensor) -> None:
+        """Move this step's rows in one layer's cache [blocks, H, bs, 2d] (CPU). offsets: [bs, 2d] (kv_layout)."""
+        _, heads, bs, two_d = cache.shape
+        assert offsets.shape == (bs, two_d), f"offsets {tuple(offsets.shape)} for a cache of block size {bs}, 2d {two_d}"
+        assert layer in self.pending, f"layer {layer} shuffled twice or unknown (pending {sorted(self.pending)})"
+        offsets = offsets.numpy()
+        if self.swaps is not None:  # a block got one row or several: the two kinds touch different slabs
+            slab, r, j = self.swaps
+            kernels.swap_rows(cache, slab * (bs * two_d), r, j[layer], offsets)
+        if self.permutes is not None:
+            slabs, dst, src = self.permutes
+            kernels.move_rows(cache, slabs * (bs * two_d), dst[layer], src[layer], offsets)  # gathered before any write
+        self.pending.discard(layer)
+
+
+def plan_step(starts: list[int], seq_lens: list[int], block_table: torch.Tensor, block_size: int, heads: int,
+              layers: int, generator) -> StepMoves | None:
+    """The moves of one step in every layer (fresh randomness from generator); None if it wrote no block."""
+    swaps, permutes = plan_moves(starts, seq_lens, block_table, block_size)
+    if not swaps and not permutes:
+        return None
+    return StepMoves(swaps, permutes, layers, heads, generator)
+
+
 def shuffle_step(kv_caches: list[torch.Tensor], starts: list[int], seq_lens: list[int], block_table: torch.Tensor,
                  offsets: torch.Tensor, generator) -> None:
-    """Shuffle, in every layer's cache [blocks, H, bs, 2d], the rows one forward step wrote.
-
-    offsets: [bs, 2d] where each slot's K and V sit inside a (block, head) slab (kv_layout.row_offsets).
-    """
+    """Shuffle, in every layer's cache [blocks, H, bs, 2d] (CPU), the rows one forward step wrote."""
     if not kv_caches:
         return
-    _, heads, bs, two_d = kv_caches[0].shape
-    assert offsets.shape == (bs, two_d), f"offsets {tuple(offsets.shape)} for a cache of block size {bs}, 2d {two_d}"
-    swaps, permutes = plan_moves(starts, seq_lens, block_table, bs)
-    if not swaps and not permutes:
-        return
-    slabs, dst, src = _moves(swaps, permutes, len(kv_caches), heads, generator, kv_caches[0].device)
-    offsets = offsets.to(kv_caches[0].device)
-    base = (slabs * (bs * two_d))[None, :, None]  # [1, P, 1]: each move's (block, head) slab
-    dst_index = (base + offsets[dst]).flatten(1)  # [L, P * 2d]: every element of each moved row
-    src_index = (base + offsets[src]).flatten(1)
+    _, heads, bs, _ = kv_caches[0].shape
+    moves = plan_step(starts, seq_lens, block_table, bs, heads, len(kv_caches), generator)
     for layer, cache in enumerate(kv_caches):
-        flat = cache.view(-1)
-        flat.index_copy_(0, dst_index[layer], flat.index_select(0, src_index[layer]))  # gathered before any write
+        if moves is not None:
+            moves.apply(layer, cache, offsets)

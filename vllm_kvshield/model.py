@@ -10,8 +10,8 @@ is vLLM's class, unchanged. With it, once vLLM has built the model:
   - the checkpoint's q/k/v/o tensors (and Qwen3's q_norm/k_norm weights) go to the enclave,
     one call per layer, before vLLM's loaders shard them;
   - mode "per-request": each step's tokens are laid out by request (request_mix.StepPlan,
-    matrices kept by request_keys.py), and after the step the rows it wrote move to random
-    slots of their blocks (cache_shuffle.py).
+    matrices kept by request_keys.py), and right after each layer's attention the rows the step
+    wrote there move to random slots of their blocks (cache_shuffle.py).
 The families' attention forwards stay vLLM's: they call self.rotary_emb and self.attn.
 
     python -m vllm.entrypoints.openai.api_server --model Qwen/Qwen3-0.6B \\
@@ -40,7 +40,7 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from . import cache_shuffle, enclave, kv_layout, registered_families, request_keys, request_mix
+from . import cache_shuffle, enclave, kernels, kv_layout, registered_families, request_keys, request_mix
 from .config import ShieldConfig, ShieldConfigError, ShieldError, check_supported
 from .families import FAMILIES_BY_CLASS, Family
 from .mixed_attention import MixedAttention, vllm_attention
@@ -181,29 +181,38 @@ class ShieldedModel:
                                         head_dim=attn.head_dim, dtype=self._dtype),
         )
         request_keys.install(rows)
+        kernels.compile_for(self._dtype)  # numba compiles (or loads its cache) here, not in the first step
         logger.info("kvshield: per-request matrices: %.2f MiB per request in the batch (up to %d)", rows.row_bytes / 2**20, self._max_rows)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
         if self.shield is None or self.shield.mode != "per-request":
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         meta = self._attention_metadata()
-        plan = None
+        plan = moves = shuffle = None
         if meta is not None and request_keys.current().key_ids:  # else: warm-up or profiling, no request
             starts = meta.query_start_loc.tolist()
             plan = request_mix.StepPlan.from_query_start_loc(starts)
             if not request_keys.current().occupied(plan.num_rows):
                 raise ShieldError(f"kvshield: batch rows {plan.num_rows} have no request matrices (rows {sorted(request_keys.current().key_ids)}); refusing to compute unmixed")
-        request_mix.begin_step(plan)
+            attns = [vllm_attention(self.model.layers[i].self_attn.attn) for i in self._local_layers()]
+            _, heads, block_size, _ = attns[0].kv_cache.shape
+            moves = cache_shuffle.plan_step(starts, meta.seq_lens.tolist(), meta.block_table, block_size, heads, len(attns),
+                                            cache_shuffle.fresh_generator())
+            if moves is not None:  # offsets [bs, 2d]: probed at the first step, then cached
+                shuffle = functools.partial(self._shuffle_layer, moves, attns, kv_layout.cache_offsets(attns[0]))
+        request_mix.begin_step(plan, shuffle)
         try:
             out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         finally:
             request_mix.begin_step(None)
-        if plan is not None:
-            attns = [vllm_attention(self.model.layers[i].self_attn.attn) for i in self._local_layers()]
-            offsets = kv_layout.cache_offsets(attns[0])  # [bs, 2d], probed at the first step, then cached
-            cache_shuffle.shuffle_step([a.kv_cache for a in attns], starts, meta.seq_lens.tolist(), meta.block_table, offsets,
-                                       cache_shuffle.fresh_generator())
+        if moves is not None and moves.pending:
+            raise ShieldError(f"kvshield: layers {sorted(moves.pending)} ran without moving the rows they wrote; refusing to continue")
         return out
+
+    def _shuffle_layer(self, moves: cache_shuffle.StepMoves, attns: list, offsets: torch.Tensor, layer: int) -> None:
+        """Right after a layer's attention (request_unmix): the rows the step wrote there move, while still in cache."""
+        position = layer - self.model.start_layer
+        moves.apply(position, attns[position].kv_cache, offsets)
 
     def _attention_metadata(self):
         """This step's attention metadata (one KV cache group: every layer shares it), None outside a step."""

@@ -47,10 +47,16 @@ def init_ray(address: str | None, deployment: str) -> None:
     Ray of its own: the first worker starts it and records its address in
     `$TMPDIR/<deployment>.ray-address`, and the server's other workers join that one. Never
     Ray's implicit "auto": a Ray started by another process dies with that process and takes
-    every driver that joined it along.
+    every driver that joined it along. Ray's processes and threads started here run off the
+    worker's compute cores (`off_compute_cores`).
     """
     if ray.is_initialized():
         return
+    with off_compute_cores():
+        _init_ray(address, deployment)
+
+
+def _init_ray(address: str | None, deployment: str) -> None:
     kwargs = dict(namespace=NAMESPACE, include_dashboard=False, configure_logging=False, log_to_driver=False)
     address = address if address is not None else (os.environ.get("RAY_ADDRESS") or None)
     if address == "auto":
@@ -83,6 +89,38 @@ def init_ray(address: str | None, deployment: str) -> None:
             json.dump({"address": ray.get_runtime_context().gcs_address, "auth_mode": os.environ.get("RAY_AUTH_MODE")}, f)
         os.replace(record + ".tmp", record)
         atexit.register(_remove, record, record + ".lock")
+
+
+# vLLM's CPU worker sets these for its OpenMP (with libgomp in LD_PRELOAD); every process started with them
+# pins its main thread to the worker's cores when libgomp loads, whatever its parent's affinity.
+PINNING_ENV = ("GOMP_CPU_AFFINITY", "KMP_AFFINITY")
+
+
+@contextlib.contextmanager
+def off_compute_cores():
+    """Start processes and threads in the block off the cores this thread computes on, when there are others.
+
+    vLLM's CPU worker pins its thread to its OpenMP cores (on a 2-core machine: core 0, core 1 left to
+    the other processes). A Ray started from the worker as is (GCS, raylet, the enclave actor making
+    request matrices) would inherit that pin, through the thread's affinity and the environment, and
+    take turns with the model on its core.
+    """
+    pinned = os.sched_getaffinity(0)  # this thread's
+    try:
+        allowed = os.sched_getaffinity(os.getppid())  # the process that started the worker: not pinned by it
+    except OSError:
+        allowed = pinned
+    spare = allowed - pinned
+    if not spare:
+        yield
+        return
+    saved = {name: os.environ.pop(name) for name in PINNING_ENV if name in os.environ}
+    os.sched_setaffinity(0, spare)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, pinned)
+        os.environ.update(saved)
 
 
 def join(address: str, auth_mode: str | None, deployment: str) -> None:

@@ -5,21 +5,23 @@ and row i's matrices are row i of RequestKeyRows. Before the forward the model s
 plan; each shielded attention layer then calls, around vLLM's unmodified attention,
 
     q, k, v = torch.ops.kvshield.request_mix(q, k, v, layer)   # k'' = k' M, q'' = q' M^{-T}, v'' = v' A
-    o = torch.ops.kvshield.request_unmix(o, layer)             # o' = o'' A^{-1}, then W_O
+    o = torch.ops.kvshield.request_unmix(o, layer)             # o' = o'' A^{-1}, then W_O; then the
+                                                               # step's after_attention(layer): the row shuffle
 
 so q'' k''^T == q' k'^T and softmax(.) v'' A^{-1} == softmax(.) v': the layer's output is
-unchanged while the KV cache holds k'', v''. A run of single-token rows (decode) is one batched
-matmul on a contiguous slice of the matrices; a multi-token row (a prefill chunk) is one matmul
-per head. The ops are opaque to torch.compile (custom ops), so the Python plan stays out of the
+unchanged while the KV cache holds k'', v''. A decode step (every row one token) is one kernel
+call for q, k, v and one for o (kernels.py) on rows 0..n-1 of the matrices; in a mixed step, a run
+of single-token rows is one call per part and a multi-token row (a prefill chunk) one matmul per head. The ops are opaque to torch.compile (custom ops), so the Python plan stays out of the
 graph. Without a plan (vLLM's warm-up and profiling runs, no request in the batch) tokens are
 mixed with zero matrices: nothing ever reaches the cache unmixed.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from . import request_keys
+from . import kernels, request_keys
 
 PARTS = {"k": 0, "q": 1, "v": 2, "o": 3}  # RequestKeyRows.material's part axis: M, M^{-T}, A, A^{-1}
 
@@ -54,11 +56,20 @@ class StepPlan:
 
 
 _plan: StepPlan | None = None
+_after_attention: Callable[[int], None] | None = None
 
 
-def begin_step(plan: StepPlan | None) -> None:
-    global _plan
-    _plan = plan
+def begin_step(plan: StepPlan | None, after_attention: Callable[[int], None] | None = None) -> None:
+    """Set (or, with None, end) the step; after_attention(layer) runs once each layer's attention has run."""
+    global _plan, _after_attention
+    _plan, _after_attention = plan, after_attention
+
+
+def _decode_rows(x: torch.Tensor) -> int | None:
+    """n when this step is n batch rows of one token each (a decode step) and x holds just those tokens."""
+    if _plan is not None and _plan.runs == ((0, _plan.num_rows, 0),) and x.shape[0] == _plan.num_tokens:
+        return _plan.num_rows
+    return None
 
 
 def _apply(x: torch.Tensor, layer: int, part: str, heads: int) -> torch.Tensor:
@@ -67,9 +78,9 @@ def _apply(x: torch.Tensor, layer: int, part: str, heads: int) -> torch.Tensor:
         return torch.zeros_like(x)
     mats = request_keys.current().layer(layer)[PARTS[part]]  # [R, H, d, d]
     d = mats.shape[-1]
-    if _plan.runs == ((0, _plan.num_rows, 0),) and x.shape[0] == _plan.num_tokens:  # a decode step: one matmul
-        n = _plan.num_rows
-        return torch.matmul(x.view(n, heads, -1, d), mats[:n]).view(n, -1)
+    n = _decode_rows(x)
+    if n is not None:  # one call
+        return kernels.row_matmul(x.reshape(n * heads, -1, d), mats[:n].view(n * heads, d, d)).view(n, -1)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.shape[0] > _plan.num_tokens:
         out[_plan.num_tokens :] = 0  # padding tokens
@@ -77,8 +88,7 @@ def _apply(x: torch.Tensor, layer: int, part: str, heads: int) -> torch.Tensor:
     for first, end, token in _plan.runs:
         n = end - first
         m = mats[first:end].reshape(n * heads, d, d)  # contiguous rows: a view
-        src = xs[token : token + n].reshape(n * heads, -1, d)
-        torch.bmm(src, m, out=outs[token : token + n].view(n * heads, -1, d))
+        outs[token : token + n] = kernels.row_matmul(xs[token : token + n].reshape(n * heads, -1, d), m).view(n, heads, -1, d)
     for row, start, end in _plan.chunks:
         outs[start:end] = torch.einsum("thgd,hde->thge", xs[start:end], mats[row])
     return out
@@ -86,12 +96,21 @@ def _apply(x: torch.Tensor, layer: int, part: str, heads: int) -> torch.Tensor:
 
 def request_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [T, H_q*d], k, v [T, H_kv*d] -> q M^{-T}, k M, v A with each token's request's matrices."""
+    n = _decode_rows(q)
+    if n is not None:  # the three products in one call
+        mats = request_keys.current().layer(layer)  # [4, R, H, d, d]
+        d = mats.shape[-1]
+        mixed = kernels.mix_qkv(q.view(n, kv_heads, -1, d), k.view(n, kv_heads, 1, d), v.view(n, kv_heads, 1, d), mats)
+        return tuple(t.view(n, -1) for t in mixed)
     return _apply(q, layer, "q", kv_heads), _apply(k, layer, "k", kv_heads), _apply(v, layer, "v", kv_heads)
 
 
 def request_unmix(o: torch.Tensor, layer: int, kv_heads: int) -> torch.Tensor:
     """Attention output o [T, H_q*d] -> o A^{-1}, before W_O."""
-    return _apply(o, layer, "o", kv_heads)
+    out = _apply(o, layer, "o", kv_heads)
+    if _after_attention is not None:
+        _after_attention(layer)
+    return out
 
 
 def _request_mix_fake(q, k, v, layer: int, kv_heads: int):

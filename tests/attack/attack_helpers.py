@@ -25,9 +25,9 @@ def mean_rate(attack, observed: Observed) -> float:
 def _switch_shuffle(on: bool) -> None:
     from vllm_kvshield import cache_shuffle
 
-    if not hasattr(cache_shuffle, "kept_shuffle_step"):
-        cache_shuffle.kept_shuffle_step = cache_shuffle.shuffle_step
-    cache_shuffle.shuffle_step = cache_shuffle.kept_shuffle_step if on else (lambda *args, **kwargs: None)
+    if not hasattr(cache_shuffle, "kept_plan_step"):
+        cache_shuffle.kept_plan_step = cache_shuffle.plan_step
+    cache_shuffle.plan_step = cache_shuffle.kept_plan_step if on else (lambda *args, **kwargs: None)
 
 
 def shuffle_off(model) -> None:

@@ -1,0 +1,92 @@
+"""kernels.py against torch: the per-request decode path's row products and the row shuffle's moves."""
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_kvshield import cache_shuffle, kernels
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("d", [6, 64, 128])
+def test_row_matmul_bf16_is_the_fp32_product_rounded_once(rows, d):
+    g = torch.Generator().manual_seed(d + rows)
+    x = torch.randn(5, rows, d, generator=g).to(torch.bfloat16)
+    m = torch.randn(5, d, d, generator=g).to(torch.bfloat16)
+    want = torch.matmul(x.double(), m.double()).float().to(torch.bfloat16)  # exact sums, then one rounding
+    got = kernels.row_matmul(x, m)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    # fp32 sums in another order than fp64's may land one bf16 step away, never more
+    step = torch.finfo(torch.bfloat16).eps * want.float().abs().clamp_min(1e-30)
+    assert ((got.float() - want.float()).abs() <= step).all()
+    assert (got == want).float().mean() > 0.95
+
+
+def test_row_matmul_fp32_and_strided_input():
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(4, 3, 80, generator=g)
+    x = wide[..., :64]  # not contiguous
+    m = torch.randn(4, 64, 64, generator=g)
+    torch.testing.assert_close(kernels.row_matmul(x, m), torch.matmul(x, m), rtol=1e-5, atol=1e-5)
+
+
+def test_row_matmul_falls_back_to_torch_for_other_dtypes():
+    x, m = torch.randn(2, 3, 8).half(), torch.randn(2, 8, 8).half()
+    assert torch.equal(kernels.row_matmul(x, m), torch.matmul(x, m))
+
+
+def test_bf16_rounding_matches_torchs_cast():
+    g = torch.Generator().manual_seed(1)
+    values = torch.cat((
+        torch.randn(2000, generator=g) * 10.0 ** torch.randint(-30, 30, (2000,), generator=g),
+        torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 3.0e38, -3.0e38, 1e-40]),
+        (torch.randint(0, 0x7F80, (500,), generator=g).int() << 16 | 0x8000).view(torch.float32),  # exact ties, finite
+    ))
+    got = torch.tensor([int(kernels._f32_to_bf16(np.float32(v))) for v in values.tolist()], dtype=torch.int16)
+    assert torch.equal(got.view(torch.bfloat16), values.to(torch.bfloat16))
+    nans = [kernels._f32_to_bf16(np.float32(v)) for v in (float("nan"), np.frombuffer(np.uint32(0x7FFFFFFF).tobytes(), np.float32)[0])]
+    assert torch.tensor([int(n) for n in nans], dtype=torch.int16).view(torch.bfloat16).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swap_and_move_rows_follow_the_offsets(dtype):
+    bs, d, slabs = 8, 4, 3
+    offsets = torch.randperm(2 * bs * d, generator=torch.Generator().manual_seed(2)).view(bs, 2 * d)
+    cache = torch.arange(slabs * bs * 2 * d).to(dtype)  # distinct values (exact in bf16 below 256)
+    want = cache.clone().view(slabs, -1)
+    base = np.array([0, 2 * bs * 2 * d], np.int64)  # slabs 0 and 2
+    a, b = np.array([1, 5], np.int64), np.array([6, 5], np.int64)  # slab 2: a row with itself, no move
+    kernels.swap_rows(cache, base, a, b, offsets.numpy())
+    want[0, offsets[1]], want[0, offsets[6]] = want[0, offsets[6]].clone(), want[0, offsets[1]].clone()
+    assert torch.equal(cache.view(slabs, -1), want)
+    # a 3-cycle in slab 1: every source read before any write
+    base, dst, src = np.full(3, bs * 2 * d, np.int64), np.array([0, 1, 2], np.int64), np.array([2, 0, 1], np.int64)
+    kernels.move_rows(cache, base, dst, src, offsets.numpy())
+    want[1, offsets[[0, 1, 2]]] = want[1, offsets[[2, 0, 1]]].clone()
+    assert torch.equal(cache.view(slabs, -1), want)
+
+
+def test_step_moves_apply_once_per_layer():
+    bs, d, heads, layers = 8, 4, 2, 3
+    moves = cache_shuffle.plan_step([0, 1], [6], torch.tensor([[0]]), bs, heads, layers, cache_shuffle.fresh_generator())
+    offsets = torch.arange(bs * 2 * d).view(bs, 2 * d)
+    cache = torch.zeros(1, heads, bs, 2 * d)
+    for layer in range(layers):
+        moves.apply(layer, cache, offsets)
+    assert not moves.pending
+    with pytest.raises(AssertionError, match="shuffled twice"):
+        moves.apply(0, cache, offsets)
+    assert cache_shuffle.plan_step([0, 1], [1], torch.tensor([[0]]), bs, heads, layers, cache_shuffle.fresh_generator()) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mix_qkv_uses_row_bs_matrices(dtype):
+    """A decode step of n rows on a layer's [4, R, H, d, d] with R > n: row b's M^{-T}, M, A on q, k, v."""
+    n, rows, heads, g, d = 3, 5, 2, 3, 8
+    gen = torch.Generator().manual_seed(3)
+    mats = torch.randn(4, rows, heads, d, d, generator=gen).to(dtype)
+    q, k, v = (torch.randn(n, heads, r, d, generator=gen).to(dtype) for r in (g, 1, 1))
+    q2, k2, v2 = kernels.mix_qkv(q, k, v, mats)
+    for got, x, part in ((q2, q, 1), (k2, k, 0), (v2, v, 2)):
+        want = torch.matmul(x.double(), mats[part, :n].double())
+        torch.testing.assert_close(got.double(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
