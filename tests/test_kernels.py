@@ -1,5 +1,7 @@
 """kernels.py against torch: the per-request decode path's row products and the row shuffle's moves."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +92,12 @@ def test_mix_qkv_uses_row_bs_matrices(dtype):
     for got, x, part in ((q2, q, 1), (k2, k, 0), (v2, v, 2)):
         want = torch.matmul(x.double(), mats[part, :n].double())
         torch.testing.assert_close(got.double(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_vllm_still_rebinds_its_kernels_once_numba_is_loaded():
+    """The next engine in a process that ran mode per-request starts: vLLM's kernel rebinding scans
+    vars() of every module global, llvmlite's library wrapper among them (patches/llvmlite_vars.py)."""
+    from vllm.triton_utils import dispatcher
+
+    assert "llvmlite.binding.ffi" in sys.modules  # loaded with kernels
+    dispatcher._rebind_kernels([])

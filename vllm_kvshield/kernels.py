@@ -22,6 +22,10 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
+from .patches import llvmlite_vars
+
+llvmlite_vars.install()  # before vLLM scans this process's modules again (patches/llvmlite_vars.py)
+
 
 @intrinsic
 def _bf16_to_f32(typingctx, bits):
