@@ -64,6 +64,10 @@ CLAIMS["per-request"] = {a: RESISTS for a in CIPHERTEXT + KNOWING}  # per-reques
 # above 1% for 3 keys (max 5.0%); per-request 0.20% mean, above 1% for 12 keys (max 3.2%); all 70 requests of the
 # full run: 0.0% and 0.2%. Two lucky tokens exceed 1% here, so the claim is guessing level, as for mix-v.
 CLAIMS["mix"]["invariant_k"] = CLAIMS["per-request"]["invariant_k"] = GUESSES
+# Attack 3 on mix's K is the same kind of luck: pair norms mean nothing under a dense map after RoPE, yet a CI run of
+# 4 December drew a mix key under which it hit 1.4% of these prompts (0.1% on the full run's 70 requests; the simulation
+# gave 0 of 200 keys above 1% and does not reproduce it). per-request (a key per victim) has held <= 1% in every run.
+CLAIMS["mix"]["centred_pair_norms"] = GUESSES
 # Within one request the map is one, so equal tokens are equal V rows: labelling a request's groups by the public
 # prior gets some of its common repeated tokens right ("." , " my"), key-dependent (0.5-1.8% measured): guessing level.
 CLAIMS["per-request"]["equality_frequency"] = GUESSES
