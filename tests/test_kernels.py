@@ -81,13 +81,44 @@ def test_step_moves_apply_once_per_layer():
     assert cache_shuffle.plan_step([0, 1], [1], torch.tensor([[0]]), bs, heads, layers, cache_shuffle.fresh_generator()) is None
 
 
+def _bits(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32).numpy()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mix_qkv_uses_row_bs_matrices(dtype):
-    """A decode step of n rows on a layer's [4, R, H, d, d] with R > n: row b's M^{-T}, M, A on q, k, v."""
-    n, rows, heads, g, d = 3, 5, 2, 3, 8
+@pytest.mark.parametrize("g", [1, 2, 3, 4, 5, 7])
+def test_vector_products_equal_the_scalar_loops_bit_for_bit(dtype, g):
+    """Head size 64, rows contiguous: the vector code; the same numbers one column apart in memory: the loops."""
+    gen = torch.Generator().manual_seed(g)
+    x = torch.randn(6, g, 64, generator=gen).to(dtype)
+    m = torch.randn(6, 64, 64, generator=gen).to(dtype)
+    x[1, 0, 3], x[2, g - 1, 5], m[3, 7, 9] = float("nan"), float("inf"), float("-inf")
+    x[4] *= 1e-39  # denormal inputs
+    m[5] *= 3e36  # sums that overflow
+    wide = torch.zeros(6, g, 65, dtype=dtype)
+    wide[..., :64] = x
+    strided = wide[..., :64]  # not contiguous: kernels' _dense refuses it
+    vector, scalar = torch.empty_like(x), torch.empty_like(x)
+    kernels._row_matmul(*(kernels._array(t, False) for t in (x, m, vector)))
+    kernels._row_matmul(*(kernels._array(t, False) for t in (strided, m, scalar)))
+    assert np.array_equal(_bits(vector), _bits(scalar)), "the vector code and the loops disagree"
+    assert vector.isnan().any() and vector.isinf().any()  # the specials reached the output
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [8, 64])
+@pytest.mark.parametrize("split", [False, True])
+def test_mix_qkv_uses_row_bs_matrices(dtype, d, split):
+    """A decode step of n rows on a layer's [4, R, H, d, d] with R > n: row b's M^{-T}, M, A on q, k, v (d 64: the
+    vector code; split: q, k, v are views into one qkv row, as vLLM's attention forward passes them)."""
+    n, rows, heads, g = 3, 5, 2, 3
     gen = torch.Generator().manual_seed(3)
     mats = torch.randn(4, rows, heads, d, d, generator=gen).to(dtype)
-    q, k, v = (torch.randn(n, heads, r, d, generator=gen).to(dtype) for r in (g, 1, 1))
+    if split:
+        qkv = torch.randn(n, (g + 2) * heads * d, generator=gen).to(dtype)
+        q, k, v = (t.view(n, heads, -1, d) for t in qkv.split([g * heads * d, heads * d, heads * d], dim=-1))
+    else:
+        q, k, v = (torch.randn(n, heads, r, d, generator=gen).to(dtype) for r in (g, 1, 1))
     q2, k2, v2 = kernels.mix_qkv(q, k, v, mats)
     for got, x, part in ((q2, q, 1), (k2, k, 0), (v2, v, 2)):
         want = torch.matmul(x.double(), mats[part, :n].double())

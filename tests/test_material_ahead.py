@@ -6,6 +6,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,16 +90,27 @@ def test_enclave_answers_matrices_not_seeds(per_request_enclave):
     actor = per_request_enclave
     ids = T.FreshKeyIds()
     key_ids = [ids.next(), T.tenant_key_id("tenant-a")]
-    got = actor.request_material(key_ids, [0, 1], [0, 1], 8, torch.bfloat16)
+    bits = actor.request_material(key_ids, [0, 1], [0, 1], 8, torch.bfloat16)  # what goes through Ray
+    got = enclave.material_tensor(bits, torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.shape == (2, 2, 4, 2, 8, 8)
     torch.testing.assert_close(got, expand(key_ids, PART).to(torch.bfloat16))
     wait_for(lambda: actor._ahead.made == 2)
     actor.request_material([ids.next()], [0, 1], [0, 1], 8, torch.bfloat16)
     info = actor.info()
     assert info["request_seeds"] == 3 and info["ahead"]["hits"] == 1 and info["ahead"]["error"] is None
-    sent = pickle.dumps(got) + pickle.dumps(info) + repr(info).encode()
+    sent = pickle.dumps(bits) + pickle.dumps(info) + repr(info).encode()
     secrets = [KEY, KEY.hex().encode()] + [T.request_seed(KEY, k) for k in key_ids]
     assert not any(s in sent for s in secrets), "a key or seed left the enclave"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_matrices_travel_as_numpy_and_come_back_unchanged(dtype):
+    mats = torch.randn(2, 3, 4, 1, 8, 8).to(dtype)
+    bits = enclave.material_bits(mats)
+    assert isinstance(bits, np.ndarray)
+    bits.flags.writeable = False  # as Ray hands it over
+    back = enclave.material_tensor(bits, dtype)
+    assert back.dtype == dtype and torch.equal(back, mats)
 
 
 @pytest.mark.parametrize("bad", [["a" * 32], ["f" * 31], [], [7]])

@@ -197,12 +197,18 @@ def installed_rows():
     request_mix.begin_step(None)
 
 
-def test_each_token_is_mixed_with_its_own_requests_matrices(installed_rows):
+@pytest.mark.parametrize("starts, padded", [
+    ([0, 1, 2, 6, 7, 10], True),  # rows 0, 1 decode, 2 a chunk, 3 decode, 4 a chunk: one padded batch of chunks
+    ([0, 1, 21, 23, 24, 26], False),  # chunks of 20, 2, 2 tokens: padding would triple the work, one matmul each
+])
+def test_each_token_is_mixed_with_its_own_requests_matrices(installed_rows, starts, padded):
     rows, ids = installed_rows
-    starts = [0, 1, 2, 6, 7, 10]  # rows 0, 1 decode, 2 a chunk, 3 decode, 4 a chunk; then 2 padding tokens
-    request_mix.begin_step(request_mix.StepPlan.from_query_start_loc(starts))
+    plan = request_mix.StepPlan.from_query_start_loc(starts)
+    assert (plan.chunk_batch is not None) == padded, plan.chunk_batch
+    request_mix.begin_step(plan)
     h, g, d = 2, 3, 8
-    q, k, v = torch.randn(12, h * g * d), torch.randn(12, h * d), torch.randn(12, h * d)
+    n = starts[-1] + 2  # then 2 padding tokens
+    q, k, v = torch.randn(n, h * g * d), torch.randn(n, h * d), torch.randn(n, h * d)
     q2, k2, v2 = request_mix.request_mix(q, k, v, layer=1, kv_heads=h)
     o2 = request_mix.request_unmix(q2, layer=1, kv_heads=h)
     for r in range(5):
@@ -217,7 +223,8 @@ def test_each_token_is_mixed_with_its_own_requests_matrices(installed_rows):
         torch.testing.assert_close(s2, s1, atol=1e-4, rtol=1e-4)
         undone = torch.einsum("thgd,hde->thge", o2[t].view(-1, h, g, d), mats[2])
         torch.testing.assert_close(undone, q2[t].view(-1, h, g, d), atol=1e-4, rtol=1e-4)
-    assert not (q2[10:].any() or k2[10:].any() or v2[10:].any()), "padding tokens must come out zero"
+    pad = starts[-1]
+    assert not (q2[pad:].any() or k2[pad:].any() or v2[pad:].any()), "padding tokens must come out zero"
 
 
 @pytest.mark.parametrize("rows_in_step", [1, 4])

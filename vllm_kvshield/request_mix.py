@@ -11,13 +11,16 @@ plan; each shielded attention layer then calls, around vLLM's unmodified attenti
 so q'' k''^T == q' k'^T and softmax(.) v'' A^{-1} == softmax(.) v': the layer's output is
 unchanged while the KV cache holds k'', v''. A decode step (every row one token) is one kernel
 call for q, k, v and one for o (kernels.py) on rows 0..n-1 of the matrices; in a mixed step, a run
-of single-token rows is one call per part and a multi-token row (a prefill chunk) one matmul per head. The ops are opaque to torch.compile (custom ops), so the Python plan stays out of the
+of single-token rows is one call per part, and the step's prefill chunks are one batched matmul per
+part (each chunk padded to the longest: ChunkBatch), or one per chunk when padding would more than
+double the work. The ops are opaque to torch.compile (custom ops), so the Python plan stays out of the
 graph. Without a plan (vLLM's warm-up and profiling runs, no request in the batch) tokens are
 mixed with zero matrices: nothing ever reaches the cache unmixed.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -54,6 +57,46 @@ class StepPlan:
             runs.append((run_start, len(starts) - 1, starts[run_start]))
         return cls(len(starts) - 1, starts[-1], tuple(runs), tuple(chunks))
 
+    @cached_property
+    def chunk_batch(self) -> "ChunkBatch | None":
+        """The step's chunks as one padded batch (built once, used by every layer and part), or None if padding
+        to the longest chunk would more than double the tokens multiplied."""
+        lengths = [end - start for _, start, end in self.chunks]
+        if not lengths or len(lengths) * max(lengths) > 2 * sum(lengths):
+            return None
+        return ChunkBatch.of(self.chunks, max(lengths))
+
+
+@dataclass(frozen=True)
+class ChunkBatch:
+    """A step's C prefill chunks padded to t_max tokens each, so each part of a layer is one [C*H] batched matmul."""
+
+    rows: torch.Tensor  # [C] batch rows (whose matrices the chunks use)
+    gather: torch.Tensor  # [C * t_max] step token of each padded slot (a chunk's last token repeats as padding)
+    tokens: torch.Tensor  # [sum of lengths] step tokens of the chunks, chunk after chunk
+    slots: torch.Tensor  # [sum of lengths] their padded slots
+    t_max: int
+
+    @classmethod
+    def of(cls, chunks, t_max: int) -> "ChunkBatch":
+        gather, tokens, slots = [], [], []
+        for c, (_, start, end) in enumerate(chunks):
+            gather += [min(start + i, end - 1) for i in range(t_max)]
+            tokens += range(start, end)
+            slots += range(c * t_max, c * t_max + end - start)
+        as_index = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+        return cls(as_index([row for row, _, _ in chunks]), as_index(gather), as_index(tokens), as_index(slots), t_max)
+
+    def matmul(self, x: torch.Tensor, mats: torch.Tensor, out: torch.Tensor) -> None:
+        """out[t] = x[t] times its chunk's matrices, for the chunks' tokens. x, out [T, H*g*d]; mats [R, H, d, d]."""
+        chunks, heads, d = len(self.rows), mats.shape[1], mats.shape[-1]
+        g = x.shape[1] // (heads * d)
+        padded = x.index_select(0, self.gather).view(chunks, self.t_max, heads, g, d)
+        padded = padded.transpose(1, 2).reshape(chunks * heads, self.t_max * g, d)  # [C*H, t_max*g, d]
+        prod = torch.bmm(padded, mats.index_select(0, self.rows).view(chunks * heads, d, d))
+        prod = prod.view(chunks, heads, self.t_max, g, d).transpose(1, 2).reshape(chunks * self.t_max, -1)
+        out.index_copy_(0, self.tokens, prod.index_select(0, self.slots))
+
 
 _plan: StepPlan | None = None
 _after_attention: Callable[[int], None] | None = None
@@ -89,8 +132,12 @@ def _apply(x: torch.Tensor, layer: int, part: str, heads: int) -> torch.Tensor:
         n = end - first
         m = mats[first:end].reshape(n * heads, d, d)  # contiguous rows: a view
         outs[token : token + n] = kernels.row_matmul(xs[token : token + n].reshape(n * heads, -1, d), m).view(n, heads, -1, d)
-    for row, start, end in _plan.chunks:
-        outs[start:end] = torch.einsum("thgd,hde->thge", xs[start:end], mats[row])
+    batch = _plan.chunk_batch
+    if batch is not None:
+        batch.matmul(x, mats, out)
+    else:
+        for row, start, end in _plan.chunks:
+            outs[start:end] = torch.einsum("thgd,hde->thge", xs[start:end], mats[row])
     return out
 
 
