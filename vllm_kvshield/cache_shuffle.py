@@ -90,7 +90,6 @@ class StepMoves:
     def __init__(self, swaps, permutes, layers: int, heads: int, generator):
         self.pending = set(range(layers))  # layers not yet shuffled
         self.swaps = self.permutes = None
-        self._bases = None  # (swaps', permutes') slab starts in elements, at the first apply
         if swaps:
             slab, r, j = _swap_moves(swaps, layers, heads, generator)
             self.swaps = slab.numpy(), r.numpy(), j.numpy()
@@ -103,15 +102,13 @@ class StepMoves:
         _, heads, bs, two_d = cache.shape
         assert offsets.shape == (bs, two_d), f"offsets {tuple(offsets.shape)} for a cache of block size {bs}, 2d {two_d}"
         assert layer in self.pending, f"layer {layer} shuffled twice or unknown (pending {sorted(self.pending)})"
-        if self._bases is None:  # every layer's cache has the same shape: slab starts, once per step
-            self._bases = tuple(None if kind is None else kind[0] * (bs * two_d) for kind in (self.swaps, self.permutes))
         offsets = offsets.numpy()
         if self.swaps is not None:  # a block got one row or several: the two kinds touch different slabs
-            _, r, j = self.swaps
-            kernels.swap_rows(cache, self._bases[0], r, j[layer], offsets)
+            slab, r, j = self.swaps
+            kernels.swap_rows(cache, slab * (bs * two_d), r, j[layer], offsets)
         if self.permutes is not None:
-            _, dst, src = self.permutes
-            kernels.move_rows(cache, self._bases[1], dst[layer], src[layer], offsets)  # gathered before any write
+            slabs, dst, src = self.permutes
+            kernels.move_rows(cache, slabs * (bs * two_d), dst[layer], src[layer], offsets)  # gathered before any write
         self.pending.discard(layer)
 
 

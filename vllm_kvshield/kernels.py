@@ -223,12 +223,12 @@ _k2 = _make_kernel(2)
 _k3 = _make_kernel(3)
 
 
-def x_size(like):
+def _element_size(like):
     pass
 
 
-@overload(x_size, inline="always")
-def _x_size_impl(like):
+@overload(_element_size, inline="always")
+def _element_size_impl(like):
     if isinstance(like, types.Integer):
         return lambda like: 2
     return lambda like: 4
@@ -237,7 +237,7 @@ def _x_size_impl(like):
 @numba.njit(cache=True, nogil=True, fastmath=True, boundscheck=False, inline="always")
 def _rows(xp, mp, op, pp, g, like):
     """All g rows of one product, three at a time; rows D elements apart. pp: matrix to prefetch meanwhile."""
-    step = D * x_size(like)
+    step = D * _element_size(like)
     r = 0
     while g - r >= 3:
         _k3(xp + r * step, mp, op + r * step, pp, like)
@@ -247,13 +247,6 @@ def _rows(xp, mp, op, pp, g, like):
         _k2(xp + r * step, mp, op + r * step, pp, like)
     elif g - r == 1:
         _k1(xp + r * step, mp, op + r * step, pp, like)
-
-
-@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
-def _dense(a):
-    """Last two dims of a contiguous ([..., rows, D] with rows D apart)."""
-    s = a.itemsize
-    return a.shape[-1] == D and a.strides[-1] == s and (a.shape[-2] == 1 or a.strides[-2] == D * s)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
@@ -277,7 +270,7 @@ def _mix_qkv_at(qp, q_row, kp, k_row, vp, v_row, mp, ms0, ms1, ms2, qop, kop, vo
     """mix_qkv by address: row b of q holds [H, g, D] contiguous, of k and v [H, D]; q_row, k_row, v_row the bytes
     between rows; mats at mp with byte strides ms0 (part), ms1 (row), ms2 (head), each matrix contiguous; the
     outputs contiguous [n, H, g or 1, D]."""
-    size = x_size(like)
+    size = _element_size(like)
     t = 0
     for b in range(n):
         for h in range(heads):
@@ -291,12 +284,7 @@ def _mix_qkv_at(qp, q_row, kp, k_row, vp, v_row, mp, ms0, ms1, ms2, qop, kop, vo
 
 @numba.njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
 def _row_matmul(x, m, out):
-    """out[b] = x[b] @ m[b]: x, out [B, g, d], m [B, d, d] (arrays: the vector code when d == D and rows are dense)."""
-    if (_dense(x) and _dense(m) and _dense(out) and m.shape[1] == D and x.dtype == m.dtype and out.dtype == x.dtype
-            and (x.shape[1] == 1 or x.strides[1] == D * x.itemsize)):
-        _row_matmul_at(x.ctypes.data, x.strides[0], m.ctypes.data, m.strides[0], out.ctypes.data, out.strides[0],
-                       x.shape[0], x.shape[1], x.dtype.type(0))
-        return
+    """out[b] = x[b] @ m[b]: x, out [B, g, d], m [B, d, d]. The scalar loops (row_matmul takes the vector code)."""
     acc = np.empty(x.shape[1:], np.float32)
     for b in range(x.shape[0]):
         _times(x[b], m[b], out[b], acc)
@@ -374,12 +362,14 @@ def row_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     assert x.shape[0] == m.shape[0] and x.shape[2] == m.shape[1] == m.shape[2], f"x {tuple(x.shape)} @ m {tuple(m.shape)}"
     if not _fits(x, m):
         return torch.matmul(x, m)
-    if x.shape[2] == D and _dense_rows(x) and m.is_contiguous():
+    m = m.contiguous()
+    if x.shape[2] == D:
+        x = x if _dense_rows(x) else x.contiguous()
         out, size = torch.empty(x.shape, dtype=x.dtype), x.element_size()
         _row_matmul_at(x.data_ptr(), x.stride(0) * size, m.data_ptr(), m.stride(0) * size, out.data_ptr(), out.stride(0) * size,
                        x.shape[0], x.shape[1], _LIKE[x.dtype])
         return out
-    x, m = x.contiguous(), m.contiguous()
+    x = x.contiguous()
     out = torch.empty_like(x)
     _row_matmul(_array(x, False), _array(m, False), _array(out, False))
     return out
@@ -389,7 +379,8 @@ def mix_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mats: torch.Tenso
     """A decode step's q [n, H, g, d], k, v [n, H, 1, d] -> q M^{-T}, k M, v A with row b's matrices.
 
     mats: one layer's [4, R, H, d, d] (M, M^{-T}, A, A^{-1}), R >= n. One call for the three products; for
-    d == D, rows of q, k, v that are views into a wider row (vLLM's split of qkv) are read in place, by address.
+    d == D the vector code, by address: rows of q, k, v that are views into a wider row (vLLM's split of qkv)
+    are read in place.
     """
     n, heads, g, d = q.shape
     assert mats.shape[0] == 4 and mats.shape[1] >= n and mats.shape[2:] == (heads, d, d), f"mats {tuple(mats.shape)} for q {tuple(q.shape)}"
@@ -397,7 +388,8 @@ def mix_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mats: torch.Tenso
     if not _fits(q, k, v, mats) or not mats.is_contiguous():
         rows = mats[:, :n]
         return torch.matmul(q, rows[1]), torch.matmul(k, rows[0]), torch.matmul(v, rows[2])
-    if d == D and _dense_rows(q) and _dense_rows(k) and _dense_rows(v):
+    if d == D:
+        q, k, v = (t if _dense_rows(t) else t.contiguous() for t in (q, k, v))
         outs = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=q.dtype), torch.empty(v.shape, dtype=q.dtype)
         size, strides = q.element_size(), mats.stride()
         _mix_qkv_at(q.data_ptr(), q.stride(0) * size, k.data_ptr(), k.stride(0) * size, v.data_ptr(), v.stride(0) * size,
