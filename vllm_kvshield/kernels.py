@@ -322,11 +322,13 @@ def _move_rows(flat, base, dst, src, offsets, tmp):
     """flat: a cache's elements (any 16/32-bit view); move i takes row src[i] of the slab at base[i] to row dst[i]."""
     moves, width = tmp.shape
     for i in range(moves):
+        row, slab = offsets[src[i]], base[i]
         for e in range(width):
-            tmp[i, e] = flat[base[i] + offsets[src[i], e]]
+            tmp[i, e] = flat[slab + row[e]]
     for i in range(moves):
+        row, slab = offsets[dst[i]], base[i]
         for e in range(width):
-            flat[base[i] + offsets[dst[i], e]] = tmp[i, e]
+            flat[slab + row[e]] = tmp[i, e]
 
 
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
