@@ -121,6 +121,25 @@ def test_mix_qkv_uses_row_bs_matrices(dtype, d, split):
         torch.testing.assert_close(got.double(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [8, 64])
+def test_tokens_take_the_matrices_of_their_row_and_padding_comes_out_zero(dtype, d):
+    """A mixed step: tokens 0-2 one request's prefill chunk (row 2), token 3 a decode of row 0, token 4 of row 4, then
+    two padding tokens. mix_qkv and rows_matmul (the unmix) use row rows[t] for token t; the padding is zero."""
+    heads, g, rows = 2, 3, np.array([2, 2, 2, 0, 4])
+    n = len(rows) + 2
+    gen = torch.Generator().manual_seed(5)
+    mats = torch.randn(4, 5, heads, d, d, generator=gen).to(dtype)
+    qkv = torch.randn(n, (g + 2) * heads * d, generator=gen).to(dtype)
+    q, k, v = (t.view(n, heads, -1, d) for t in qkv.split([g * heads * d, heads * d, heads * d], dim=-1))
+    outs = (*kernels.mix_qkv(q, k, v, mats, rows), kernels.rows_matmul(q, mats[3], rows))
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for got, x, part in zip(outs, (q, k, v, q), (1, 0, 2, 3)):
+        want = torch.matmul(x[: len(rows)].double(), mats[part, torch.from_numpy(rows)].double())
+        torch.testing.assert_close(got[: len(rows)].double(), want, **tol)
+        assert got.shape == x.shape and not got[len(rows) :].any(), "padding tokens must come out zero"
+
+
 def test_vllm_still_rebinds_its_kernels_once_numba_is_loaded():
     """The next engine in a process that ran mode per-request starts: vLLM's kernel rebinding scans
     vars() of every module global, llvmlite's library wrapper among them (patches/llvmlite_vars.py)."""

@@ -9,7 +9,7 @@ import torch
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from vllm_kvshield import cache_shuffle, request_keys, request_mix
+from vllm_kvshield import cache_shuffle, kernels, request_keys, request_mix
 from vllm_kvshield import transforms as T
 from vllm_kvshield.config import ShieldError
 from vllm_kvshield.patches import key_ids
@@ -110,19 +110,19 @@ def params_of(key_id):
     return SamplingParams(extra_args={request_keys.KEY_ID_ARG: key_id})
 
 
-def make_rows(max_rows=4):
+def make_rows(max_rows=4, head_dim=8):
     calls = []
 
     def materials(ids):
         calls.append(list(ids))
-        return T.request_material([T.request_seed(KEY, k) for k in ids], range(2), [0, 1], 8)
+        return T.request_material([T.request_seed(KEY, k) for k in ids], range(2), [0, 1], head_dim)
 
-    rows = request_keys.RequestKeyRows(range(2), [0, 1], 8, max_rows, torch.float32, "cpu", materials)
+    rows = request_keys.RequestKeyRows(range(2), [0, 1], head_dim, max_rows, torch.float32, "cpu", materials)
     return rows, calls
 
 
-def expected(key_id):
-    return T.request_material([T.request_seed(KEY, key_id)], range(2), [0, 1], 8)[0]  # [L, 4, H, d, d]
+def expected(key_id, head_dim=8):
+    return T.request_material([T.request_seed(KEY, key_id)], range(2), [0, 1], head_dim)[0]  # [L, 4, H, d, d]
 
 
 def row(rows, r):
@@ -186,9 +186,9 @@ def test_step_plan_splits_decode_runs_from_chunks():
     assert request_mix.StepPlan.from_query_start_loc([0, 1, 2]).runs == ((0, 2, 0),)
 
 
-@pytest.fixture
-def installed_rows():
-    rows, _ = make_rows(max_rows=5)
+@pytest.fixture(params=[8, kernels.D], ids=["d8-torch", "d64-vector"])
+def installed_rows(request):
+    rows, _ = make_rows(max_rows=5, head_dim=request.param)
     ids = [c * 32 for c in "pqrst"]
     rows.apply(BatchUpdate(batch_size=5, removed=[], added=[(i, params_of(k), None, []) for i, k in enumerate(ids)], moved=[]))
     request_keys.install(rows)
@@ -206,13 +206,13 @@ def test_each_token_is_mixed_with_its_own_requests_matrices(installed_rows, star
     plan = request_mix.StepPlan.from_query_start_loc(starts)
     assert (plan.chunk_batch is not None) == padded, plan.chunk_batch
     request_mix.begin_step(plan)
-    h, g, d = 2, 3, 8
+    h, g, d = 2, 3, rows.head_dim
     n = starts[-1] + 2  # then 2 padding tokens
     q, k, v = torch.randn(n, h * g * d), torch.randn(n, h * d), torch.randn(n, h * d)
     q2, k2, v2 = request_mix.request_mix(q, k, v, layer=1, kv_heads=h)
     o2 = request_mix.request_unmix(q2, layer=1, kv_heads=h)
     for r in range(5):
-        mats = expected(ids[r])[1]  # layer 1: [4, H, d, d]
+        mats = expected(ids[r], d)[1]  # layer 1: [4, H, d, d]
         t = slice(starts[r], starts[r + 1])
         torch.testing.assert_close(k2[t].view(-1, h, d), torch.einsum("thd,hde->the", k[t].view(-1, h, d), mats[0]))
         torch.testing.assert_close(q2[t].view(-1, h, g, d), torch.einsum("thgd,hde->thge", q[t].view(-1, h, g, d), mats[1]))
@@ -232,13 +232,13 @@ def test_a_decode_step_mixes_each_row_with_its_own_matrices(installed_rows, rows
     """The one-matmul path: every row of the step decodes one token (and the batch may hold more rows)."""
     rows, ids = installed_rows
     request_mix.begin_step(request_mix.StepPlan.from_query_start_loc(list(range(rows_in_step + 1))))
-    h, g, d = 2, 3, 8
+    h, g, d = 2, 3, rows.head_dim
     qkv = torch.randn(rows_in_step, h * g * d + 2 * h * d)
     q, k, v = qkv.split([h * g * d, h * d, h * d], dim=-1)  # views, as vLLM's attention forward passes them
     q2, k2, v2 = request_mix.request_mix(q, k, v, layer=0, kv_heads=h)
     o2 = request_mix.request_unmix(q, layer=0, kv_heads=h)
     for r in range(rows_in_step):
-        mats = expected(ids[r])[0]  # layer 0: [4, H, d, d]
+        mats = expected(ids[r], d)[0]  # layer 0: [4, H, d, d]
         torch.testing.assert_close(k2[r].view(h, d), torch.einsum("hd,hde->he", k[r].view(h, d), mats[0]))
         torch.testing.assert_close(q2[r].view(h, g, d), torch.einsum("hgd,hde->hge", q[r].view(h, g, d), mats[1]))
         torch.testing.assert_close(v2[r].view(h, d), torch.einsum("hd,hde->he", v[r].view(h, d), mats[2]))

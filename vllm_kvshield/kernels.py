@@ -1,4 +1,4 @@
-"""CPU loops of mode per-request's decode path, compiled with numba (which vLLM's CPU build already needs).
+"""CPU loops of mode per-request's runtime mix and row shuffle, compiled with numba (which vLLM's CPU build already needs).
 
 Per decode step a worker multiplies each request's q, k, v and attention output by that
 request's own d x d matrices: 4 L H_kv B small products (11,520 at batch 32 on SmolLM2), and
@@ -8,7 +8,8 @@ for the row moves cost more than moving the rows. These loops read each matrix o
 fp32, and move rows in place through the layout's offsets (kv_layout.row_offsets):
 
     out = row_matmul(x, m)                              # x [B, g, d], m [B, d, d]: out[b] = x[b] @ m[b]
-    q2, k2, v2 = mix_qkv(q, k, v, mats)                 # a decode step's three products in one call
+    q2, k2, v2 = mix_qkv(q, k, v, mats, rows)           # a step's three products in one call, token t: row rows[t]
+    o2 = rows_matmul(o, mats[3], rows)                  # o [T, H, g, d]: o2[t, h] = o[t, h] @ mats[3][rows[t], h]
     swap_rows(cache, base, a, b, offsets)               # slab base[i]: rows a[i] and b[i] trade places
     move_rows(cache, base, dst, src, offsets)           # slab base[i]: row dst[i] <- row src[i], all gathered first
 
@@ -19,7 +20,10 @@ registers, and the next product's matrix prefetched meanwhile (without that, eac
 began with cache misses the hardware prefetcher does not cover). The results are bit-identical to
 the scalar loops (_times), which serve every other head size and layout. Measured here at batch
 32 (30 layers of mix_qkv + row_matmul, 90 MiB of matrices, one thread): 5.9 -> 4.3 ms, near the
-4.2 ms it takes just to read the matrices.
+4.2 ms it takes just to read the matrices. A prefill chunk's tokens share their request's matrices
+(rows repeat), which then come from cache: one layer of 32 chunks of 128 tokens and 16 decodes,
+mix and unmix, 9.5 ms, against 11.4 ms for padded batched matmuls (request_mix.ChunkBatch) and
+0.17 against 0.60 ms for one chunk of 16 tokens beside them (the step of a request that just came).
 
 Other dtypes and devices fall back to torch (same result, slower).
 """
@@ -250,35 +254,40 @@ def _rows(xp, mp, op, pp, g, like):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
-def _row_matmul_at(xp, x_row, mp, m_row, op, o_row, count, g, like):
-    """out[b] = x[b] @ m[b] for b < count, by address: x[b], out[b] [g, D] contiguous, m[b] [D, D] contiguous,
-    x_row, m_row, o_row the bytes from b to b + 1. Prefetching past the last matrix is harmless (never faults)."""
-    for b in range(count):
-        _rows(xp + b * x_row, mp + b * m_row, op + b * o_row, mp + (b + AHEAD) * m_row, g, like)
+def _rows_matmul_at(xp, x_row, mp, ms1, ms2, op, rows, heads, g, like):
+    """out[b, h] = x[b, h] @ m[rows[b], h] for b < len(rows), by address: token b's x at xp + b * x_row holds
+    [H, g, D] contiguous; m's matrices contiguous, ms1 (row) and ms2 (head) bytes apart; out contiguous [n, H, g, D]."""
+    size, n = _element_size(like), rows.shape[0]
+    for b in range(n):
+        mb, after = mp + rows[b] * ms1, mp + rows[min(b + AHEAD, n - 1)] * ms1
+        for h in range(heads):
+            ahead = mb + (h + AHEAD) * ms2 if h + AHEAD < heads else after + (h + AHEAD - heads) * ms2
+            at = (b * heads + h) * g * D * size
+            _rows(xp + b * x_row + h * g * D * size, mb + h * ms2, op + at, ahead, g, like)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
-def _mat_addr(mp, t, heads, ms0, ms1, ms2):
-    """Address of product t's matrix in _mix_qkv_at's order (k, q, v of (b, h) = (0, 0), (0, 1), ...): parts 0, 1, 2."""
+def _mat_addr(mp, rows, t, heads, ms0, ms1, ms2):
+    """Address of product t's matrix in _mix_qkv_at's order (k, q, v of token 0 head 0, head 1, ...): parts 0, 1, 2."""
     p = t % 3
     bh = t // 3
-    return mp + p * ms0 + (bh // heads) * ms1 + (bh % heads) * ms2
+    return mp + p * ms0 + rows[min(bh // heads, rows.shape[0] - 1)] * ms1 + (bh % heads) * ms2
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
-def _mix_qkv_at(qp, q_row, kp, k_row, vp, v_row, mp, ms0, ms1, ms2, qop, kop, vop, n, heads, g, like):
-    """mix_qkv by address: row b of q holds [H, g, D] contiguous, of k and v [H, D]; q_row, k_row, v_row the bytes
-    between rows; mats at mp with byte strides ms0 (part), ms1 (row), ms2 (head), each matrix contiguous; the
-    outputs contiguous [n, H, g or 1, D]."""
+def _mix_qkv_at(qp, q_row, kp, k_row, vp, v_row, mp, ms0, ms1, ms2, qop, kop, vop, rows, heads, g, like):
+    """mix_qkv by address: token b (b < len(rows)) of q holds [H, g, D] contiguous, of k and v [H, D]; q_row, k_row,
+    v_row the bytes between tokens; token b takes the matrices of row rows[b], at mp with byte strides ms0 (part),
+    ms1 (row), ms2 (head), each matrix contiguous; the outputs contiguous [n, H, g or 1, D]."""
     size = _element_size(like)
     t = 0
-    for b in range(n):
+    for b in range(rows.shape[0]):
         for h in range(heads):
-            mb = mp + b * ms1 + h * ms2
+            mb = mp + rows[b] * ms1 + h * ms2
             kv_at, q_at = (b * heads + h) * D * size, (b * heads + h) * g * D * size
-            _k1(kp + b * k_row + h * D * size, mb, kop + kv_at, _mat_addr(mp, t + AHEAD, heads, ms0, ms1, ms2), like)
-            _rows(qp + b * q_row + h * g * D * size, mb + ms0, qop + q_at, _mat_addr(mp, t + 1 + AHEAD, heads, ms0, ms1, ms2), g, like)
-            _k1(vp + b * v_row + h * D * size, mb + 2 * ms0, vop + kv_at, _mat_addr(mp, t + 2 + AHEAD, heads, ms0, ms1, ms2), like)
+            _k1(kp + b * k_row + h * D * size, mb, kop + kv_at, _mat_addr(mp, rows, t + AHEAD, heads, ms0, ms1, ms2), like)
+            _rows(qp + b * q_row + h * g * D * size, mb + ms0, qop + q_at, _mat_addr(mp, rows, t + 1 + AHEAD, heads, ms0, ms1, ms2), g, like)
+            _k1(vp + b * v_row + h * D * size, mb + 2 * ms0, vop + kv_at, _mat_addr(mp, rows, t + 2 + AHEAD, heads, ms0, ms1, ms2), like)
             t += 3
 
 
@@ -291,16 +300,17 @@ def _row_matmul(x, m, out):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
-def _mix_qkv(q, k, v, mats, q_out, k_out, v_out):
-    """A decode step's q [n, H, g, d], k, v [n, H, 1, d] times row b's matrices: mats [4, R, H, d, d] of one layer
-    (parts M, M^{-T}, A, A^{-1}; rows 0..n-1 are the step's). The scalar loops (mix_qkv takes the vector code)."""
-    n, heads, g, d = q.shape
+def _mix_qkv(q, k, v, mats, rows, q_out, k_out, v_out):
+    """q [n, H, g, d], k, v [n, H, 1, d], token b times row rows[b]'s matrices: mats [4, R, H, d, d] of one layer
+    (parts M, M^{-T}, A, A^{-1}). The scalar loops (mix_qkv takes the vector code)."""
+    heads, g, d = q.shape[1:]
     acc_q, acc_kv = np.empty((g, d), np.float32), np.empty((1, d), np.float32)
-    for b in range(n):
+    for b in range(rows.shape[0]):
+        r = rows[b]
         for h in range(heads):
-            _times(k[b, h], mats[0, b, h], k_out[b, h], acc_kv)
-            _times(q[b, h], mats[1, b, h], q_out[b, h], acc_q)
-            _times(v[b, h], mats[2, b, h], v_out[b, h], acc_kv)
+            _times(k[b, h], mats[0, r, h], k_out[b, h], acc_kv)
+            _times(q[b, h], mats[1, r, h], q_out[b, h], acc_q)
+            _times(v[b, h], mats[2, r, h], v_out[b, h], acc_kv)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
@@ -356,52 +366,70 @@ def _dense_rows(t: torch.Tensor) -> bool:
 
 
 def _fits(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == tensors[0].dtype for t in tensors) and tensors[0].dtype in KERNEL_DTYPES
+    dtype = tensors[0].dtype
+    return dtype in KERNEL_DTYPES and all(t.is_cpu and t.dtype == dtype for t in tensors)
 
 
 def row_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """out[b] = x[b] @ m[b] for x [B, g, d], m [B, d, d] (fp32 sums, one rounding)."""
     assert x.shape[0] == m.shape[0] and x.shape[2] == m.shape[1] == m.shape[2], f"x {tuple(x.shape)} @ m {tuple(m.shape)}"
+    if x.shape[2] == D and _fits(x, m):
+        return rows_matmul(x[:, None], m.contiguous()[:, None], np.arange(x.shape[0]))[:, 0]
     if not _fits(x, m):
         return torch.matmul(x, m)
-    m = m.contiguous()
-    if x.shape[2] == D:
-        x = x if _dense_rows(x) else x.contiguous()
-        out, size = torch.empty(x.shape, dtype=x.dtype), x.element_size()
-        _row_matmul_at(x.data_ptr(), x.stride(0) * size, m.data_ptr(), m.stride(0) * size, out.data_ptr(), out.stride(0) * size,
-                       x.shape[0], x.shape[1], _LIKE[x.dtype])
-        return out
-    x = x.contiguous()
+    x, m = x.contiguous(), m.contiguous()
     out = torch.empty_like(x)
     _row_matmul(_array(x, False), _array(m, False), _array(out, False))
     return out
 
 
-def mix_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decode step's q [n, H, g, d], k, v [n, H, 1, d] -> q M^{-T}, k M, v A with row b's matrices.
+def _zero_tail(outs, rows: np.ndarray):
+    """Tokens from len(rows) on (vLLM's padding) come out zero: nothing leaves unmixed."""
+    for out in outs:
+        out[rows.shape[0] :] = 0
+    return outs
 
-    mats: one layer's [4, R, H, d, d] (M, M^{-T}, A, A^{-1}), R >= n. One call for the three products; for
-    d == D the vector code, by address: rows of q, k, v that are views into a wider row (vLLM's split of qkv)
-    are read in place.
+
+def rows_matmul(x: torch.Tensor, m: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """out[b, h] = x[b, h] @ m[rows[b], h] for x [n, H, g, d], m [R, H, d, d], rows np.int64 [n' <= n] (each < R);
+    tokens from n' on come out zero. Head size D: the vector code, reading x's tokens in place."""
+    n, heads, g, d = x.shape
+    assert m.shape[1:] == (heads, d, d) and rows.shape[0] <= n, f"x {tuple(x.shape)}, m {tuple(m.shape)}, rows {rows.shape}"
+    if d != D or not _fits(x, m) or not m.is_contiguous():
+        got = torch.matmul(x[: rows.shape[0]], m.index_select(0, torch.from_numpy(rows)))
+        return torch.cat([got, x.new_zeros(n - rows.shape[0], heads, g, d)]) if rows.shape[0] < n else got
+    x = x if _dense_rows(x) else x.contiguous()
+    out, size = torch.empty(x.shape, dtype=x.dtype), x.element_size()
+    _rows_matmul_at(x.data_ptr(), x.stride(0) * size, m.data_ptr(), m.stride(0) * size, m.stride(1) * size, out.data_ptr(),
+                    rows, heads, g, _LIKE[x.dtype])
+    return _zero_tail((out,), rows)[0] if rows.shape[0] < n else out
+
+
+def mix_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mats: torch.Tensor, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [n, H, g, d], k, v [n, H, 1, d] -> q M^{-T}, k M, v A, token b with row rows[b]'s matrices (default: b).
+
+    mats: one layer's [4, R, H, d, d] (M, M^{-T}, A, A^{-1}); rows np.int64 [n' <= n], each < R; tokens from n' on
+    (padding) come out zero. One call for the three products; for d == D the vector code, by address: tokens of
+    q, k, v that are views into a wider row (vLLM's split of qkv) are read in place.
     """
     n, heads, g, d = q.shape
-    assert mats.shape[0] == 4 and mats.shape[1] >= n and mats.shape[2:] == (heads, d, d), f"mats {tuple(mats.shape)} for q {tuple(q.shape)}"
+    rows = np.arange(n) if rows is None else rows
+    assert mats.shape[0] == 4 and mats.shape[2:] == (heads, d, d) and rows.shape[0] <= n, f"mats {tuple(mats.shape)}, rows {rows.shape} for q {tuple(q.shape)}"
     assert k.shape == v.shape == (n, heads, 1, d), f"k {tuple(k.shape)}, v {tuple(v.shape)} for q {tuple(q.shape)}"
     if not _fits(q, k, v, mats) or not mats.is_contiguous():
-        rows = mats[:, :n]
-        return torch.matmul(q, rows[1]), torch.matmul(k, rows[0]), torch.matmul(v, rows[2])
+        return rows_matmul(q, mats[1], rows), rows_matmul(k, mats[0], rows), rows_matmul(v, mats[2], rows)
     if d == D:
         q, k, v = (t if _dense_rows(t) else t.contiguous() for t in (q, k, v))
         outs = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=q.dtype), torch.empty(v.shape, dtype=q.dtype)
         size, strides = q.element_size(), mats.stride()
         _mix_qkv_at(q.data_ptr(), q.stride(0) * size, k.data_ptr(), k.stride(0) * size, v.data_ptr(), v.stride(0) * size,
                     mats.data_ptr(), strides[0] * size, strides[1] * size, strides[2] * size,
-                    *(o.data_ptr() for o in outs), n, heads, g, _LIKE[q.dtype])
-        return outs
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    outs = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _mix_qkv(*(_array(t, False) for t in (q, k, v, mats, *outs)))
-    return outs
+                    *(o.data_ptr() for o in outs), rows, heads, g, _LIKE[q.dtype])
+    else:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        outs = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        _mix_qkv(*(_array(t, False) for t in (q, k, v, mats)), rows, *(_array(t, False) for t in outs))
+    return _zero_tail(outs, rows) if rows.shape[0] < n else outs
 
 
 def swap_rows(cache: torch.Tensor, base: np.ndarray, a: np.ndarray, b: np.ndarray, offsets: np.ndarray) -> None:
@@ -426,6 +454,9 @@ def compile_for(dtype: torch.dtype) -> None:
     x = torch.zeros(1, 1, 1, 2, dtype=dtype)
     row_matmul(x[0], torch.zeros(1, 2, 2, dtype=dtype))
     mix_qkv(x, x, x, torch.zeros(4, 1, 1, 2, 2, dtype=dtype))
+    y = torch.zeros(1, 1, 1, D, dtype=dtype)
+    mix_qkv(y, y, y, torch.zeros(4, 1, 1, D, D, dtype=dtype))
+    rows_matmul(y, torch.zeros(1, 1, D, D, dtype=dtype), np.zeros(1, np.int64))
     index = np.zeros(1, np.int64)
     swap_rows(torch.zeros(2, dtype=dtype), index, index, index, np.zeros((1, 2), np.int64))
     move_rows(torch.zeros(2, dtype=dtype), index, index, index, np.zeros((1, 2), np.int64))

@@ -9,19 +9,22 @@ plan; each shielded attention layer then calls, around vLLM's unmodified attenti
                                                                # step's after_attention(layer): the row shuffle
 
 so q'' k''^T == q' k'^T and softmax(.) v'' A^{-1} == softmax(.) v': the layer's output is
-unchanged while the KV cache holds k'', v''. A decode step (every row one token) is one kernel
-call for q, k, v and one for o (kernels.py) on rows 0..n-1 of the matrices; in a mixed step, a run
-of single-token rows is one call per part, and the step's prefill chunks are one batched matmul per
-part (each chunk padded to the longest: ChunkBatch), or one per chunk when padding would more than
-double the work. The ops are opaque to torch.compile (custom ops), so the Python plan stays out of the
-graph. Without a plan (vLLM's warm-up and profiling runs, no request in the batch) tokens are
-mixed with zero matrices: nothing ever reaches the cache unmixed.
+unchanged while the KV cache holds k'', v''. With head size 64 on CPU (bf16 or fp32), every step,
+decode, prefill or both, is one kernel call for q, k, v and one for o (kernels.py): token t takes
+the matrices of row token_rows[t], read in place. Otherwise (other head sizes, dtypes, devices) a
+decode step is one call per part; in a mixed step, a run of single-token rows is one call per part,
+and the step's prefill chunks are one batched matmul per part (each chunk padded to the longest:
+ChunkBatch), or one per chunk when padding would more than double the work. The ops are opaque
+to torch.compile (custom ops), so the Python plan stays out of the graph. Without a plan (vLLM's
+warm-up and profiling runs, no request in the batch) tokens are mixed with zero matrices: nothing
+ever reaches the cache unmixed.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from . import kernels, request_keys
@@ -37,6 +40,7 @@ class StepPlan:
     num_tokens: int  # real tokens; any after them are padding
     runs: tuple[tuple[int, int, int], ...]  # (first row, end row, first token): consecutive rows of one token each
     chunks: tuple[tuple[int, int, int], ...]  # (row, first token, end token): rows of several tokens
+    token_rows: np.ndarray = field(compare=False)  # [num_tokens] int64: each token's batch row
 
     @classmethod
     def from_query_start_loc(cls, starts: list[int]) -> "StepPlan":
@@ -55,7 +59,8 @@ class StepPlan:
                     chunks.append((row, starts[row], starts[row + 1]))
         if run_start is not None:
             runs.append((run_start, len(starts) - 1, starts[run_start]))
-        return cls(len(starts) - 1, starts[-1], tuple(runs), tuple(chunks))
+        token_rows = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
+        return cls(len(starts) - 1, starts[-1], tuple(runs), tuple(chunks), token_rows)
 
     @cached_property
     def chunk_batch(self) -> "ChunkBatch | None":
@@ -141,8 +146,24 @@ def _apply(x: torch.Tensor, layer: int, part: str, heads: int) -> torch.Tensor:
     return out
 
 
+def _vector_mats(x: torch.Tensor, layer: int) -> torch.Tensor | None:
+    """The layer's [4, R, H, D, D] when this step runs on the vector code (head size D, CPU, bf16 or fp32): every
+    token of the step, decode or prefill, in one call per layer and direction."""
+    if _plan is None:
+        return None
+    mats = request_keys.current().layer(layer)
+    if mats.shape[-1] != kernels.D or mats.dtype not in kernels.KERNEL_DTYPES or x.dtype != mats.dtype or not x.is_cpu:
+        return None
+    return mats
+
+
 def request_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [T, H_q*d], k, v [T, H_kv*d] -> q M^{-T}, k M, v A with each token's request's matrices."""
+    mats = _vector_mats(q, layer)
+    if mats is not None:
+        t, d = q.shape[0], mats.shape[-1]
+        mixed = kernels.mix_qkv(q.view(t, kv_heads, -1, d), k.view(t, kv_heads, 1, d), v.view(t, kv_heads, 1, d), mats, _plan.token_rows)
+        return tuple(x.view(t, -1) for x in mixed)
     n = _decode_rows(q)
     if n is not None:  # the three products in one call
         mats = request_keys.current().layer(layer)  # [4, R, H, d, d]
@@ -154,7 +175,12 @@ def request_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, k
 
 def request_unmix(o: torch.Tensor, layer: int, kv_heads: int) -> torch.Tensor:
     """Attention output o [T, H_q*d] -> o A^{-1}, before W_O."""
-    out = _apply(o, layer, "o", kv_heads)
+    mats = _vector_mats(o, layer)
+    if mats is not None:
+        t, d = o.shape[0], mats.shape[-1]
+        out = kernels.rows_matmul(o.view(t, kv_heads, -1, d), mats[PARTS["o"]], _plan.token_rows).view(t, -1)
+    else:
+        out = _apply(o, layer, "o", kv_heads)
     if _after_attention is not None:
         _after_attention(layer)
     return out
