@@ -370,13 +370,18 @@ def _fits(*tensors: torch.Tensor) -> bool:
     return dtype in KERNEL_DTYPES and all(t.is_cpu and t.dtype == dtype for t in tensors)
 
 
+def vector_ready(mats: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """The vector code takes mats [..., D, D] (head size D) with these tensors: all on CPU, in one kernel dtype."""
+    return mats.shape[-1] == D and _fits(mats, *tensors)
+
+
 def row_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """out[b] = x[b] @ m[b] for x [B, g, d], m [B, d, d] (fp32 sums, one rounding)."""
     assert x.shape[0] == m.shape[0] and x.shape[2] == m.shape[1] == m.shape[2], f"x {tuple(x.shape)} @ m {tuple(m.shape)}"
-    if x.shape[2] == D and _fits(x, m):
-        return rows_matmul(x[:, None], m.contiguous()[:, None], np.arange(x.shape[0]))[:, 0]
     if not _fits(x, m):
         return torch.matmul(x, m)
+    if x.shape[2] == D:
+        return rows_matmul(x[:, None], m.contiguous()[:, None], np.arange(x.shape[0]))[:, 0]
     x, m = x.contiguous(), m.contiguous()
     out = torch.empty_like(x)
     _row_matmul(_array(x, False), _array(m, False), _array(out, False))
@@ -386,7 +391,8 @@ def row_matmul(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 def _zero_tail(outs, rows: np.ndarray):
     """Tokens from len(rows) on (vLLM's padding) come out zero: nothing leaves unmixed."""
     for out in outs:
-        out[rows.shape[0] :] = 0
+        if out.shape[0] > rows.shape[0]:
+            out[rows.shape[0] :] = 0
     return outs
 
 
@@ -395,14 +401,14 @@ def rows_matmul(x: torch.Tensor, m: torch.Tensor, rows: np.ndarray) -> torch.Ten
     tokens from n' on come out zero. Head size D: the vector code, reading x's tokens in place."""
     n, heads, g, d = x.shape
     assert m.shape[1:] == (heads, d, d) and rows.shape[0] <= n, f"x {tuple(x.shape)}, m {tuple(m.shape)}, rows {rows.shape}"
-    if d != D or not _fits(x, m) or not m.is_contiguous():
+    if not vector_ready(m, x) or not m.is_contiguous():
         got = torch.matmul(x[: rows.shape[0]], m.index_select(0, torch.from_numpy(rows)))
         return torch.cat([got, x.new_zeros(n - rows.shape[0], heads, g, d)]) if rows.shape[0] < n else got
     x = x if _dense_rows(x) else x.contiguous()
     out, size = torch.empty(x.shape, dtype=x.dtype), x.element_size()
     _rows_matmul_at(x.data_ptr(), x.stride(0) * size, m.data_ptr(), m.stride(0) * size, m.stride(1) * size, out.data_ptr(),
                     rows, heads, g, _LIKE[x.dtype])
-    return _zero_tail((out,), rows)[0] if rows.shape[0] < n else out
+    return _zero_tail((out,), rows)[0]
 
 
 def mix_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mats: torch.Tensor, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -429,7 +435,7 @@ def mix_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mats: torch.Tenso
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         outs = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _mix_qkv(*(_array(t, False) for t in (q, k, v, mats)), rows, *(_array(t, False) for t in outs))
-    return _zero_tail(outs, rows) if rows.shape[0] < n else outs
+    return _zero_tail(outs, rows)
 
 
 def swap_rows(cache: torch.Tensor, base: np.ndarray, a: np.ndarray, b: np.ndarray, offsets: np.ndarray) -> None:

@@ -152,9 +152,7 @@ def _vector_mats(x: torch.Tensor, layer: int) -> torch.Tensor | None:
     if _plan is None:
         return None
     mats = request_keys.current().layer(layer)
-    if mats.shape[-1] != kernels.D or mats.dtype not in kernels.KERNEL_DTYPES or x.dtype != mats.dtype or not x.is_cpu:
-        return None
-    return mats
+    return mats if kernels.vector_ready(mats, x) else None
 
 
 def request_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
