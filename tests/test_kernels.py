@@ -71,7 +71,7 @@ def test_swap_and_move_rows_follow_the_offsets(dtype):
 def test_step_moves_apply_once_per_layer():
     bs, d, heads, layers = 8, 4, 2, 3
     moves = cache_shuffle.plan_step([0, 1], [6], torch.tensor([[0]]), bs, heads, layers, cache_shuffle.fresh_generator())
-    offsets = torch.arange(bs * 2 * d).view(bs, 2 * d)
+    offsets = np.arange(bs * 2 * d).reshape(bs, 2 * d)
     cache = torch.zeros(1, heads, bs, 2 * d)
     for layer in range(layers):
         moves.apply(layer, cache, offsets)

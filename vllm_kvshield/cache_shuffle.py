@@ -22,12 +22,13 @@ unmix op), while the blocks it just read are still in the CPU's caches.
 
     moves = plan_step(starts=[0, 1, 2, 40], seq_lens=[70, 129, 38], block_table=bt, block_size=128,
                       heads=3, layers=30, generator=g)
-    moves.apply(layer=0, cache=kv_caches[0], offsets=kv_layout.row_offsets("vec", 128, 64, torch.bfloat16))
+    moves.apply(layer=0, cache=kv_caches[0], offsets=kv_layout.row_offsets("vec", 128, 64, torch.bfloat16).numpy())
     shuffle_step(kv_caches, starts, seq_lens, bt, offsets, g)    # the same for every layer at once
 """
 
 import secrets
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -63,12 +64,12 @@ def plan_moves(starts: list[int], seq_lens: list[int], block_table: torch.Tensor
 
 def _swap_moves(swaps, layers: int, heads: int, generator):
     """Decode moves, one per (block, head) slab: slab [S], the new row's slot r [S], and per layer the
-    slot j [L, S] it trades places with, uniform in [0, r] (j == r: it stays)."""
-    blocks = torch.tensor([blk for blk, _ in swaps])
-    slab = (blocks[:, None] * heads + torch.arange(heads)[None, :]).flatten()  # [S = n * H]
-    r = torch.tensor([slot for _, slot in swaps]).repeat_interleave(heads)
-    j = (torch.rand(layers, len(r), generator=generator) * (r + 1)).long()
-    return slab, r, j
+    slot j [L, S] it trades places with, uniform in [0, r] (j == r: it stays). numpy int64, built once per step."""
+    blocks, slots = np.array(swaps, dtype=np.int64).T
+    slab = (blocks[:, None] * heads + np.arange(heads)).ravel()  # [S = n * H]
+    r = np.repeat(slots, heads)
+    u = torch.rand(layers, r.shape[0], generator=generator, dtype=torch.float64).numpy()
+    return slab, r, (u * (r + 1)).astype(np.int64)
 
 
 def _permute_moves(permutes, layers: int, heads: int, generator):
@@ -90,25 +91,27 @@ class StepMoves:
     def __init__(self, swaps, permutes, layers: int, heads: int, generator):
         self.pending = set(range(layers))  # layers not yet shuffled
         self.swaps = self.permutes = None
+        self._bases = None  # (swaps', permutes') slab element offsets, at the first apply
         if swaps:
-            slab, r, j = _swap_moves(swaps, layers, heads, generator)
-            self.swaps = slab.numpy(), r.numpy(), j.numpy()
+            self.swaps = _swap_moves(swaps, layers, heads, generator)
         if permutes:
             slabs, dst, src = _permute_moves(permutes, layers, heads, generator)
             self.permutes = slabs.numpy(), dst.numpy(), src.numpy()
 
-    def apply(self, layer: int, cache: torch.Tensor, offsets: torch.Tensor) -> None:
-        """Move this step's rows in one layer's cache [blocks, H, bs, 2d] (CPU). offsets: [bs, 2d] (kv_layout)."""
+    def apply(self, layer: int, cache: torch.Tensor, offsets: np.ndarray) -> None:
+        """Move this step's rows in one layer's cache [blocks, H, bs, 2d] (CPU). offsets: [bs, 2d] (kv_layout, as numpy)."""
         _, heads, bs, two_d = cache.shape
-        assert offsets.shape == (bs, two_d), f"offsets {tuple(offsets.shape)} for a cache of block size {bs}, 2d {two_d}"
+        assert offsets.shape == (bs, two_d), f"offsets {offsets.shape} for a cache of block size {bs}, 2d {two_d}"
         assert layer in self.pending, f"layer {layer} shuffled twice or unknown (pending {sorted(self.pending)})"
-        offsets = offsets.numpy()
+        if self._bases is None:  # element offset of each slab: the same in every layer
+            self._bases = tuple(None if m is None else m[0] * (bs * two_d) for m in (self.swaps, self.permutes))
+        swap_base, permute_base = self._bases
         if self.swaps is not None:  # a block got one row or several: the two kinds touch different slabs
-            slab, r, j = self.swaps
-            kernels.swap_rows(cache, slab * (bs * two_d), r, j[layer], offsets)
+            _, r, j = self.swaps
+            kernels.swap_rows(cache, swap_base, r, j[layer], offsets)
         if self.permutes is not None:
-            slabs, dst, src = self.permutes
-            kernels.move_rows(cache, slabs * (bs * two_d), dst[layer], src[layer], offsets)  # gathered before any write
+            _, dst, src = self.permutes
+            kernels.move_rows(cache, permute_base, dst[layer], src[layer], offsets)  # gathered before any write
         self.pending.discard(layer)
 
 
@@ -128,6 +131,8 @@ def shuffle_step(kv_caches: list[torch.Tensor], starts: list[int], seq_lens: lis
         return
     _, heads, bs, _ = kv_caches[0].shape
     moves = plan_step(starts, seq_lens, block_table, bs, heads, len(kv_caches), generator)
+    if moves is None:
+        return
+    offsets = offsets.numpy()
     for layer, cache in enumerate(kv_caches):
-        if moves is not None:
-            moves.apply(layer, cache, offsets)
+        moves.apply(layer, cache, offsets)

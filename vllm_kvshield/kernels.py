@@ -355,16 +355,6 @@ def _array(t: torch.Tensor, as_bits: bool) -> np.ndarray:
 _LIKE = {torch.bfloat16: np.int16(0), torch.float32: np.float32(0)}  # tells the vector code the element type
 
 
-def _dense_rows(t: torch.Tensor) -> bool:
-    """t [n, ...]: each of its n rows is contiguous (the stride between rows may be anything)."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _fits(*tensors: torch.Tensor) -> bool:
     dtype = tensors[0].dtype
     return dtype in KERNEL_DTYPES and all(t.is_cpu and t.dtype == dtype for t in tensors)
@@ -396,27 +386,70 @@ def _zero_tail(outs, rows: np.ndarray):
     return outs
 
 
+class VectorStep:
+    """One step's vector-code products (head size D), with what its layers share worked out once: the material's
+    address and byte strides and the token rows. Per layer only the activations' addresses change (a call costs a
+    few microseconds of Python, where the tensor wrappers' checks and views cost about 20).
+
+        step = VectorStep(material, first_layer=0, rows=np.array([0, 0, 1]))  # material [L, 4, R, H, D, D]
+        q2, k2, v2 = step.mix(q, k, v, layer=3)    # q [T, H*g*D], k, v [T, H*D]: token t with row rows[t]'s M^{-T}, M, A
+        o2 = step.product(o, layer=3, part=3)      # o [T, H*g*D] @ A^{-1} of each token's row
+
+    Tokens from len(rows) on (vLLM's padding) come out zero. Each token's row of q, k, v, o must be contiguous
+    (vLLM's split of qkv gives such views: they are read in place).
+    """
+
+    def __init__(self, material: torch.Tensor, first_layer: int, rows: np.ndarray):
+        assert material.is_cpu and material.is_contiguous() and material.dtype in KERNEL_DTYPES and material.shape[-2:] == (D, D), \
+            f"material {tuple(material.shape)} {material.dtype} on {material.device}, contiguous={material.is_contiguous()}"
+        self._material = material  # keeps the storage the addresses point into
+        self.dtype, self.like, self.size = material.dtype, _LIKE[material.dtype], material.element_size()
+        self.heads = material.shape[3]
+        self.base = material.data_ptr() - first_layer * material.stride(0) * self.size
+        self.layer_bytes, self.part_bytes, self.row_bytes, self.head_bytes = (s * self.size for s in material.stride()[:4])
+        self.rows = rows
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, H*g*D], k, v [T, H*D] -> q M^{-T}, k M, v A (parts 1, 0, 2), each token with its row's matrices."""
+        q, k, v = (x if x.stride(1) == 1 else x.contiguous() for x in (q, k, v))
+        t, width = q.shape
+        assert t >= self.rows.shape[0] and width % (self.heads * D) == 0 and k.shape == v.shape == (t, self.heads * D), \
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} for {self.heads} heads, {self.rows.shape[0]} tokens"
+        outs = torch.empty(q.shape, dtype=self.dtype), torch.empty(k.shape, dtype=self.dtype), torch.empty(v.shape, dtype=self.dtype)
+        size = self.size
+        _mix_qkv_at(q.data_ptr(), q.stride(0) * size, k.data_ptr(), k.stride(0) * size, v.data_ptr(), v.stride(0) * size,
+                    self.base + layer * self.layer_bytes, self.part_bytes, self.row_bytes, self.head_bytes,
+                    outs[0].data_ptr(), outs[1].data_ptr(), outs[2].data_ptr(), self.rows, self.heads, width // (self.heads * D), self.like)
+        return _zero_tail(outs, self.rows)
+
+    def product(self, x: torch.Tensor, layer: int, part: int) -> torch.Tensor:
+        """x [T, H*g*D] -> out[t, h] = x[t, h] @ material[layer, part, rows[t], h]."""
+        x = x if x.stride(1) == 1 else x.contiguous()
+        t, width = x.shape
+        assert t >= self.rows.shape[0] and width % (self.heads * D) == 0, f"x {tuple(x.shape)} for {self.heads} heads, {self.rows.shape[0]} tokens"
+        out = torch.empty(x.shape, dtype=self.dtype)
+        _rows_matmul_at(x.data_ptr(), x.stride(0) * self.size, self.base + layer * self.layer_bytes + part * self.part_bytes,
+                        self.row_bytes, self.head_bytes, out.data_ptr(), self.rows, self.heads, width // (self.heads * D), self.like)
+        return _zero_tail((out,), self.rows)[0]
+
+
 def rows_matmul(x: torch.Tensor, m: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
     """out[b, h] = x[b, h] @ m[rows[b], h] for x [n, H, g, d], m [R, H, d, d], rows np.int64 [n' <= n] (each < R);
-    tokens from n' on come out zero. Head size D: the vector code, reading x's tokens in place."""
+    tokens from n' on come out zero. Head size D: the vector code (VectorStep), reading x's tokens in place."""
     n, heads, g, d = x.shape
     assert m.shape[1:] == (heads, d, d) and rows.shape[0] <= n, f"x {tuple(x.shape)}, m {tuple(m.shape)}, rows {rows.shape}"
     if not vector_ready(m, x) or not m.is_contiguous():
         got = torch.matmul(x[: rows.shape[0]], m.index_select(0, torch.from_numpy(rows)))
         return torch.cat([got, x.new_zeros(n - rows.shape[0], heads, g, d)]) if rows.shape[0] < n else got
-    x = x if _dense_rows(x) else x.contiguous()
-    out, size = torch.empty(x.shape, dtype=x.dtype), x.element_size()
-    _rows_matmul_at(x.data_ptr(), x.stride(0) * size, m.data_ptr(), m.stride(0) * size, m.stride(1) * size, out.data_ptr(),
-                    rows, heads, g, _LIKE[x.dtype])
-    return _zero_tail((out,), rows)[0]
+    return VectorStep(m[None, None], 0, rows).product(x.reshape(n, -1), 0, 0).view(x.shape)
 
 
 def mix_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mats: torch.Tensor, rows: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [n, H, g, d], k, v [n, H, 1, d] -> q M^{-T}, k M, v A, token b with row rows[b]'s matrices (default: b).
 
     mats: one layer's [4, R, H, d, d] (M, M^{-T}, A, A^{-1}); rows np.int64 [n' <= n], each < R; tokens from n' on
-    (padding) come out zero. One call for the three products; for d == D the vector code, by address: tokens of
-    q, k, v that are views into a wider row (vLLM's split of qkv) are read in place.
+    (padding) come out zero. One call for the three products; for d == D the vector code (VectorStep), by address:
+    tokens of q, k, v that are views into a wider row (vLLM's split of qkv) are read in place.
     """
     n, heads, g, d = q.shape
     rows = np.arange(n) if rows is None else rows
@@ -425,16 +458,11 @@ def mix_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mats: torch.Tenso
     if not _fits(q, k, v, mats) or not mats.is_contiguous():
         return rows_matmul(q, mats[1], rows), rows_matmul(k, mats[0], rows), rows_matmul(v, mats[2], rows)
     if d == D:
-        q, k, v = (t if _dense_rows(t) else t.contiguous() for t in (q, k, v))
-        outs = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=q.dtype), torch.empty(v.shape, dtype=q.dtype)
-        size, strides = q.element_size(), mats.stride()
-        _mix_qkv_at(q.data_ptr(), q.stride(0) * size, k.data_ptr(), k.stride(0) * size, v.data_ptr(), v.stride(0) * size,
-                    mats.data_ptr(), strides[0] * size, strides[1] * size, strides[2] * size,
-                    *(o.data_ptr() for o in outs), rows, heads, g, _LIKE[q.dtype])
-    else:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        outs = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _mix_qkv(*(_array(t, False) for t in (q, k, v, mats)), rows, *(_array(t, False) for t in outs))
+        outs = VectorStep(mats[None], 0, rows).mix(q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1), 0)
+        return tuple(o.view(x.shape) for o, x in zip(outs, (q, k, v)))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    outs = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _mix_qkv(*(_array(t, False) for t in (q, k, v, mats)), rows, *(_array(t, False) for t in outs))
     return _zero_tail(outs, rows)
 
 

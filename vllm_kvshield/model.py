@@ -24,6 +24,7 @@ import logging
 import re
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
@@ -194,12 +195,12 @@ class ShieldedModel:
             plan = request_mix.StepPlan.from_query_start_loc(starts)
             if not request_keys.current().occupied(plan.num_rows):
                 raise ShieldError(f"kvshield: batch rows {plan.num_rows} have no request matrices (rows {sorted(request_keys.current().key_ids)}); refusing to compute unmixed")
-            attns = [vllm_attention(self.model.layers[i].self_attn.attn) for i in self._local_layers()]
+            attns = self._attentions
             _, heads, block_size, _ = attns[0].kv_cache.shape
             moves = cache_shuffle.plan_step(starts, meta.seq_lens.tolist(), meta.block_table, block_size, heads, len(attns),
                                             cache_shuffle.fresh_generator())
             if moves is not None:  # offsets [bs, 2d]: probed at the first step, then cached
-                shuffle = functools.partial(self._shuffle_layer, moves, attns, kv_layout.cache_offsets(attns[0]))
+                shuffle = functools.partial(self._shuffle_layer, moves, attns, kv_layout.cache_offsets(attns[0]).numpy())
         request_mix.begin_step(plan, shuffle)
         try:
             out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
@@ -209,7 +210,12 @@ class ShieldedModel:
             raise ShieldError(f"kvshield: layers {sorted(moves.pending)} ran without moving the rows they wrote; refusing to continue")
         return out
 
-    def _shuffle_layer(self, moves: cache_shuffle.StepMoves, attns: list, offsets: torch.Tensor, layer: int) -> None:
+    @functools.cached_property
+    def _attentions(self) -> list:
+        """vLLM's Attention layer (it holds kv_cache) of each local layer, in order."""
+        return [vllm_attention(self.model.layers[i].self_attn.attn) for i in self._local_layers()]
+
+    def _shuffle_layer(self, moves: cache_shuffle.StepMoves, attns: list, offsets: np.ndarray, layer: int) -> None:
         """Right after a layer's attention (request_unmix): the rows the step wrote there move, while still in cache."""
         position = layer - self.model.start_layer
         moves.apply(position, attns[position].kv_cache, offsets)

@@ -105,12 +105,13 @@ class ChunkBatch:
 
 _plan: StepPlan | None = None
 _after_attention: Callable[[int], None] | None = None
+_vector: "kernels.VectorStep | None" = None  # the step's vector-code calls, built at its first layer
 
 
 def begin_step(plan: StepPlan | None, after_attention: Callable[[int], None] | None = None) -> None:
     """Set (or, with None, end) the step; after_attention(layer) runs once each layer's attention has run."""
-    global _plan, _after_attention
-    _plan, _after_attention = plan, after_attention
+    global _plan, _after_attention, _vector
+    _plan, _after_attention, _vector = plan, after_attention, None
 
 
 def _decode_rows(x: torch.Tensor) -> int | None:
@@ -146,22 +147,23 @@ def _apply(x: torch.Tensor, layer: int, part: str, heads: int) -> torch.Tensor:
     return out
 
 
-def _vector_mats(x: torch.Tensor, layer: int) -> torch.Tensor | None:
-    """The layer's [4, R, H, D, D] when this step runs on the vector code (head size D, CPU, bf16 or fp32): every
-    token of the step, decode or prefill, in one call per layer and direction."""
-    if _plan is None:
-        return None
-    mats = request_keys.current().layer(layer)
-    return mats if kernels.vector_ready(mats, x) else None
+def _vector_step(x: torch.Tensor) -> "kernels.VectorStep | None":
+    """The step's vector-code calls when it runs on them (head size D, CPU, bf16 or fp32): every token of the step,
+    decode or prefill, in one call per layer and direction; built at the step's first layer."""
+    global _vector
+    if _vector is None and _plan is not None:
+        rows = request_keys.current()
+        material = rows.material  # [L, 4, R, H, d, d]
+        if kernels.vector_ready(material, x):
+            _vector = kernels.VectorStep(material, rows.layers[0], _plan.token_rows)
+    return _vector
 
 
 def request_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [T, H_q*d], k, v [T, H_kv*d] -> q M^{-T}, k M, v A with each token's request's matrices."""
-    mats = _vector_mats(q, layer)
-    if mats is not None:
-        t, d = q.shape[0], mats.shape[-1]
-        mixed = kernels.mix_qkv(q.view(t, kv_heads, -1, d), k.view(t, kv_heads, 1, d), v.view(t, kv_heads, 1, d), mats, _plan.token_rows)
-        return tuple(x.view(t, -1) for x in mixed)
+    step = _vector_step(q)
+    if step is not None:
+        return step.mix(q, k, v, layer)
     n = _decode_rows(q)
     if n is not None:  # the three products in one call
         mats = request_keys.current().layer(layer)  # [4, R, H, d, d]
@@ -173,12 +175,8 @@ def request_mix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, k
 
 def request_unmix(o: torch.Tensor, layer: int, kv_heads: int) -> torch.Tensor:
     """Attention output o [T, H_q*d] -> o A^{-1}, before W_O."""
-    mats = _vector_mats(o, layer)
-    if mats is not None:
-        t, d = o.shape[0], mats.shape[-1]
-        out = kernels.rows_matmul(o.view(t, kv_heads, -1, d), mats[PARTS["o"]], _plan.token_rows).view(t, -1)
-    else:
-        out = _apply(o, layer, "o", kv_heads)
+    step = _vector_step(o)
+    out = step.product(o, layer, PARTS["o"]) if step is not None else _apply(o, layer, "o", kv_heads)
     if _after_attention is not None:
         _after_attention(layer)
     return out
