@@ -192,9 +192,15 @@ def enclave_info(model) -> dict:
     return enclave.call(model.enclave_handle, "info")
 
 
-def test_fresh_requests_find_their_matrices_expanded_ahead(engines, per_request):
-    """After a fresh request, the enclave expands the next fresh key ids' matrices; the next requests take them,
-    and answer as plain vLLM does."""
+def fetch_counts(model) -> dict:
+    from vllm_kvshield import request_keys
+
+    return request_keys.current()._materials.counts()
+
+
+def test_fresh_requests_find_their_matrices_ahead(engines, per_request):
+    """After a fresh request, the enclave expands the next fresh key ids' matrices and the worker fetches the
+    next few before they arrive; the next requests find theirs in the worker, and answer as plain vLLM does."""
     import time
 
     greedy(per_request, user(["Say hi."]), max_tokens=2)
@@ -203,10 +209,12 @@ def test_fresh_requests_find_their_matrices_expanded_ahead(engines, per_request)
         assert time.monotonic() < deadline, f"the enclave's thread did not catch up: {before}"
         time.sleep(0.2)
     assert before["ready"] >= 4 and before["error"] is None, before
+    fetched = per_request.apply_model(fetch_counts)[0]
     prompts = user(["Name a colour.", "Count to three.", "What is 2+2?", "Name a fruit."])
     got, _ = greedy(per_request, prompts, max_tokens=8)
-    after = per_request.apply_model(enclave_info)[0]["ahead"]
-    assert after["hits"] - before["hits"] == 4, (before, after)
+    after, fetched_after = per_request.apply_model(enclave_info)[0]["ahead"], per_request.apply_model(fetch_counts)[0]
+    assert fetched_after["hits"] - fetched["hits"] == 4 and fetched_after["error"] is None, (fetched, fetched_after)
+    assert after["hits"] - before["hits"] >= 2, (before, after)  # the worker's next fetch found them expanded
     assert got == greedy(engines.get("none"), prompts, max_tokens=8)[0]
 
 

@@ -13,6 +13,7 @@ from .transforms import MODES
 CONFIG_KEY = "kvshield"
 DEFAULT_MODE = "mix"
 DEFAULT_PREPARE_AHEAD = 64
+DEFAULT_FETCH_AHEAD = 4
 # What the evaluation tools (attack, bench) compare: the plugin installed without the flag, then every mode.
 PLAIN_MODE = "none"
 COMPARED_MODES = (PLAIN_MODE, *MODES)
@@ -44,6 +45,9 @@ class ShieldConfig:
     # mode per-request: fresh requests whose matrices the enclave expands before they arrive, per worker
     # (enclave memory: this many times a request's matrices, 4 L H_kv d^2 numbers); 0: each when it arrives
     prepare_ahead: int = DEFAULT_PREPARE_AHEAD
+    # mode per-request: fresh requests whose matrices each worker fetches from the enclave before they arrive
+    # (the worker then holds this many requests' matrices ahead of them); 0: each when it arrives
+    fetch_ahead: int = DEFAULT_FETCH_AHEAD
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -52,8 +56,10 @@ class ShieldConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ShieldConfigError(f"kvshield: {name} must be a non-empty string, got {value!r}")
-        if isinstance(self.prepare_ahead, bool) or not isinstance(self.prepare_ahead, int) or not 0 <= self.prepare_ahead <= 4096:
-            raise ShieldConfigError(f"kvshield: prepare_ahead must be an integer from 0 to 4096, got {self.prepare_ahead!r}")
+        for name, most in (("prepare_ahead", 4096), ("fetch_ahead", 256)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+                raise ShieldConfigError(f"kvshield: {name} must be an integer from 0 to {most}, got {value!r}")
         res = self.enclave_resources
         if res is not None and not (
             isinstance(res, dict)

@@ -24,6 +24,7 @@ from . import transforms
 from .config import ShieldConfig, ShieldError
 from .keys import read_key_file
 from .material_ahead import MaterialAhead
+from .material_fetch import MaterialFetch
 from .ray_session import DEPLOYMENT_PREFIX, NAMESPACE, error_cause, init_ray
 
 CALL_TIMEOUT_S = 300.0
@@ -119,8 +120,13 @@ def connect(cfg: ShieldConfig, name: str):
 
 def call(handle, method: str, *args, timeout: float = CALL_TIMEOUT_S, refusing: str = "refusing to start unshielded"):
     """One enclave call; a dead, failing or silent enclave becomes a ShieldError (`refusing`: what then stops)."""
+    return answer(getattr(handle, method).remote(*args), method, timeout=timeout, refusing=refusing)
+
+
+def answer(ref, method: str, timeout: float = CALL_TIMEOUT_S, refusing: str = "refusing to start unshielded"):
+    """The result of an enclave call already made (ref), as call() returns it."""
     try:
-        return ray.get(getattr(handle, method).remote(*args), timeout=timeout)
+        return ray.get(ref, timeout=timeout)
     except ray.exceptions.RayActorError as e:
         raise ShieldError(f"kvshield: the enclave actor is gone ({error_cause(e)}); {refusing}") from None
     except ray.exceptions.GetTimeoutError:
@@ -134,17 +140,17 @@ def transform(handle, layer: int, shape: transforms.AttentionShape, tensors: dic
     return call(handle, "transform", layer, shape, tensors, dtype)
 
 
-def request_material(handle, key_ids: list[str], layers: list[int], kv_heads: list[int], head_dim: int,
-                     dtype: torch.dtype) -> torch.Tensor:
-    """New requests' runtime matrices (mode per-request) [N, L, 4, H, d, d], one enclave round trip.
+_NO_KEYS = "mode per-request cannot key new requests; refusing to serve them"
 
-    Unlike the load, this runs while serving: without its enclave the server cannot key a new
-    request, and stops rather than serve one unshielded. The tensor reads Ray's shared memory
-    (read-only): copy from it, do not write to it.
-    """
-    bits = call(handle, "request_material", key_ids, layers, kv_heads, head_dim, dtype,
-                refusing="mode per-request cannot key new requests; refusing to serve them")
-    return material_tensor(bits, dtype)
+
+def material_fetch(handle, layers: list[int], kv_heads: list[int], head_dim: int, dtype: torch.dtype, depth: int) -> MaterialFetch:
+    """A worker's request_material with the next fresh key ids' matrices asked for ahead (material_fetch.py)."""
+    return MaterialFetch(
+        ask=lambda key_ids: handle.request_material.remote(key_ids, layers, kv_heads, head_dim, dtype),
+        ready=lambda ref: bool(ray.wait([ref], timeout=0)[0]),
+        answer=lambda ref: material_tensor(answer(ref, "request_material", refusing=_NO_KEYS), dtype),
+        depth=depth,
+    )
 
 
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16}  # numpy has no bf16: such tensors travel as their bits

@@ -178,8 +178,7 @@ class ShieldedModel:
             max_rows=self._max_rows,
             dtype=self._dtype,
             device=next(self.parameters()).device,
-            materials=functools.partial(enclave.request_material, handle, layers=layers, kv_heads=kv_heads,
-                                        head_dim=attn.head_dim, dtype=self._dtype),
+            materials=enclave.material_fetch(handle, layers, kv_heads, attn.head_dim, self._dtype, self.shield.fetch_ahead),
         )
         request_keys.install(rows)
         kernels.compile_for(self._dtype)  # numba compiles (or loads its cache) here, not in the first step

@@ -9,15 +9,16 @@ step's rows 0..n-1 are one contiguous slice (nothing is gathered per step). Rows
 are zero: a token without a request is mixed to zero, never passed through in the clear.
 
     rows = RequestKeyRows(layers=range(30), kv_heads=[0, 1, 2], head_dim=64, max_rows=256, dtype=torch.bfloat16,
-                          device="cpu", materials=lambda ids: enclave.request_material(h, ids, range(30), [0, 1, 2], 64, torch.bfloat16))
+                          device="cpu", materials=enclave.material_fetch(h, range(30), [0, 1, 2], 64, torch.bfloat16, depth=4))
     install(rows)                   # the worker's model, at load
     rows.apply(batch_update)        # before each step (KeyRowsProcessor.update_state)
     rows.layer(0)                   # [4, max_rows, H, d, d]: M, M^{-T}, A, A^{-1} per row and head
 
 The key id of a request comes from its SamplingParams.extra_args, where the engine core put it
 (patches/key_ids.py); the matrices of a key id come from the enclave, expanded there (most
-often before the request arrived: material_ahead.py), one round trip per step that adds
-requests. The worker holds the expanded matrices of the requests in its batch; never a seed,
+often before the request arrived: material_ahead.py) and, for the next fresh ids, fetched
+before their requests arrive (material_fetch.py). The worker holds the expanded matrices of
+the requests in its batch and of up to fetch_ahead requests still to come; never a seed,
 never the server key.
 """
 
@@ -52,7 +53,7 @@ class RequestKeyRows:
         self.head_dim = head_dim
         self.max_rows = max_rows
         self._first = self.layers[0]
-        self._materials = materials  # key ids -> [N, L, 4, H, d, d] (the enclave's request_material)
+        self._materials = materials  # key ids -> [N, L, 4, H, d, d] (enclave.material_fetch)
         # [L, 4, R, H, d, d]: per layer and part, rows a..b are one contiguous [b-a, H, d, d] slice
         shape = (len(self.layers), 4, min(max_rows, INITIAL_ROWS), len(self.kv_heads), head_dim, head_dim)
         self.material = torch.zeros(shape, dtype=dtype, device=device)
