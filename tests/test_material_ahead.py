@@ -127,11 +127,13 @@ def test_request_matrices_only_in_mode_per_request(tmp_path, monkeypatch):
         Enclave("mix", str(path)).request_material([T.tenant_key_id("a")], [0], [0], 8, torch.float32)
 
 
-@pytest.mark.parametrize("bad", [-1, 4097, 2.5, True, "64"])
-def test_prepare_ahead_must_be_a_count(bad):
+@pytest.mark.parametrize("name, default, most", [("prepare_ahead", 64, 4096), ("fetch_ahead", 4, 256)])
+@pytest.mark.parametrize("bad", [-1, "most + 1", 2.5, True, "64"])
+def test_ahead_counts_must_be_counts(name, default, most, bad):
     from vllm_kvshield.config import ShieldConfig, ShieldConfigError
 
-    assert ShieldConfig.from_dict({"mode": "per-request"}).prepare_ahead == 64
-    assert ShieldConfig.from_dict({"mode": "per-request", "prepare_ahead": 0}).prepare_ahead == 0
-    with pytest.raises(ShieldConfigError, match=f"prepare_ahead must be an integer from 0 to 4096, got {bad!r}"):
-        ShieldConfig.from_dict({"mode": "per-request", "prepare_ahead": bad})
+    bad = most + 1 if bad == "most + 1" else bad
+    assert getattr(ShieldConfig.from_dict({"mode": "per-request"}), name) == default
+    assert getattr(ShieldConfig.from_dict({"mode": "per-request", name: 0}), name) == 0
+    with pytest.raises(ShieldConfigError, match=f"{name} must be an integer from 0 to {most}, got {bad!r}"):
+        ShieldConfig.from_dict({"mode": "per-request", name: bad})
