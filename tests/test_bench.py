@@ -327,6 +327,7 @@ def test_per_request_material_figures(smoke, model_path):
     held = m["offline"]
     assert held["row_bytes"] == expected and held["row_bytes_match_formula"] is True and held["dtype"] == "bfloat16"
     assert held["bytes"] == held["rows"] * held["row_bytes"]
+    assert 0 <= held["fetched_ahead"] <= 4  # fetch_ahead's default
     assert held["rows"] >= max(p["prompts"] for p in result["prompt_sets"]) and held["rows"] <= held["max_rows"]
     batches = {str(n) for n in s["material_batches"]}
     assert set(m["generation_one_thread"]) == set(m["decode_step_one_thread"]) == batches <= set(result["plain_decode_step_s"])

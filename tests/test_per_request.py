@@ -195,7 +195,7 @@ def enclave_info(model) -> dict:
 def fetch_counts(model) -> dict:
     from vllm_kvshield import request_keys
 
-    return request_keys.current()._materials.counts()
+    return request_keys.current().fetched_ahead()
 
 
 def test_fresh_requests_find_their_matrices_ahead(engines, per_request):

@@ -83,6 +83,11 @@ class RequestKeyRows:
         grown[:, :, :have] = self.material
         self.material = grown
 
+    def fetched_ahead(self) -> dict:
+        """Counts of the matrices fetched before their requests arrived (material_fetch.MaterialFetch.counts)."""
+        counts = getattr(self._materials, "counts", None)
+        return counts() if counts is not None else {}
+
     def layer(self, layer: int) -> torch.Tensor:
         """[4, R, H, d, d] of one (global) layer."""
         return self.material[layer - self._first]

@@ -42,6 +42,7 @@ def held_material(model) -> dict:
         "max_rows": rows.max_rows,
         "dtype": str(rows.material.dtype).removeprefix("torch."),
         "live_requests": len(rows.key_ids),
+        "fetched_ahead": rows.fetched_ahead().get("held", 0),  # requests not yet here whose matrices it holds
     }
 
 

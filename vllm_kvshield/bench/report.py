@@ -198,6 +198,8 @@ def _material(r: dict) -> list[str]:
             f"Offline per-request worker after the timed rounds and quality (read through `LLM.apply_model`): "
             f"{o['row_bytes'] / MiB:.2f} MiB per row ({o['dtype']}), {o['rows']} rows held (they grow by doubling with "
             f"the batch up to max_num_seqs={o['max_rows']}, never shrink): **{o['bytes'] / MiB:.1f} MiB held**"
+            + (f", and {o['fetched_ahead']} requests' matrices fetched ahead of them ({o['fetched_ahead'] * o['row_bytes'] / MiB:.1f} MiB)"
+               if "fetched_ahead" in o else "")
             + ("" if "row_bytes_match_formula" not in o else
                f"; row bytes equal 4 L H_kv d^2 x dtype: {'yes' if o['row_bytes_match_formula'] else '**no**'}") + ".",
             "",
