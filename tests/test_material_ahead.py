@@ -127,12 +127,13 @@ def test_request_matrices_only_in_mode_per_request(tmp_path, monkeypatch):
         Enclave("mix", str(path)).request_material([T.tenant_key_id("a")], [0], [0], 8, torch.float32)
 
 
-@pytest.mark.parametrize("name, default, most", [("prepare_ahead", 64, 4096), ("fetch_ahead", 4, 256)])
-@pytest.mark.parametrize("bad", [-1, "most + 1", 2.5, True, "64"])
+AHEAD_COUNTS = (("prepare_ahead", 64, 4096), ("fetch_ahead", 4, 256))  # config key, default, largest accepted
+
+
+@pytest.mark.parametrize("name, default, most, bad", [(n, d, m, bad) for n, d, m in AHEAD_COUNTS for bad in (-1, m + 1, 2.5, True, "64")])
 def test_ahead_counts_must_be_counts(name, default, most, bad):
     from vllm_kvshield.config import ShieldConfig, ShieldConfigError
 
-    bad = most + 1 if bad == "most + 1" else bad
     assert getattr(ShieldConfig.from_dict({"mode": "per-request"}), name) == default
     assert getattr(ShieldConfig.from_dict({"mode": "per-request", name: 0}), name) == 0
     with pytest.raises(ShieldConfigError, match=f"{name} must be an integer from 0 to {most}, got {bad!r}"):

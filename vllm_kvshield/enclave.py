@@ -123,7 +123,7 @@ def call(handle, method: str, *args, timeout: float = CALL_TIMEOUT_S, refusing: 
     return answer(getattr(handle, method).remote(*args), method, timeout=timeout, refusing=refusing)
 
 
-def answer(ref, method: str, timeout: float = CALL_TIMEOUT_S, refusing: str = "refusing to start unshielded"):
+def answer(ref, method: str, *, refusing: str, timeout: float = CALL_TIMEOUT_S):
     """The result of an enclave call already made (ref), as call() returns it."""
     try:
         return ray.get(ref, timeout=timeout)

@@ -413,8 +413,9 @@ class VectorStep:
         """q [T, H*g*D], k, v [T, H*D] -> q M^{-T}, k M, v A (parts 1, 0, 2), each token with its row's matrices."""
         q, k, v = (x if x.stride(1) == 1 else x.contiguous() for x in (q, k, v))
         t, width = q.shape
-        assert t >= self.rows.shape[0] and width % (self.heads * D) == 0 and k.shape == v.shape == (t, self.heads * D), \
-            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} for {self.heads} heads, {self.rows.shape[0]} tokens"
+        assert t >= self.rows.shape[0] and width % (self.heads * D) == 0 and k.shape == v.shape == (t, self.heads * D) \
+            and q.dtype == k.dtype == v.dtype == self.dtype, \
+            f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, v {tuple(v.shape)} for {self.heads} heads, {self.rows.shape[0]} tokens, {self.dtype}"
         outs = torch.empty(q.shape, dtype=self.dtype), torch.empty(k.shape, dtype=self.dtype), torch.empty(v.shape, dtype=self.dtype)
         size = self.size
         _mix_qkv_at(q.data_ptr(), q.stride(0) * size, k.data_ptr(), k.stride(0) * size, v.data_ptr(), v.stride(0) * size,
@@ -426,7 +427,8 @@ class VectorStep:
         """x [T, H*g*D] -> out[t, h] = x[t, h] @ material[layer, part, rows[t], h]."""
         x = x if x.stride(1) == 1 else x.contiguous()
         t, width = x.shape
-        assert t >= self.rows.shape[0] and width % (self.heads * D) == 0, f"x {tuple(x.shape)} for {self.heads} heads, {self.rows.shape[0]} tokens"
+        assert t >= self.rows.shape[0] and width % (self.heads * D) == 0 and x.dtype == self.dtype, \
+            f"x {tuple(x.shape)} {x.dtype} for {self.heads} heads, {self.rows.shape[0]} tokens, {self.dtype}"
         out = torch.empty(x.shape, dtype=self.dtype)
         _rows_matmul_at(x.data_ptr(), x.stride(0) * self.size, self.base + layer * self.layer_bytes + part * self.part_bytes,
                         self.row_bytes, self.head_bytes, out.data_ptr(), self.rows, self.heads, width // (self.heads * D), self.like)
