@@ -199,8 +199,8 @@ def fetch_counts(model) -> dict:
 
 
 def test_fresh_requests_find_their_matrices_ahead(engines, per_request):
-    """After a fresh request, the enclave expands the next fresh key ids' matrices and the worker fetches the
-    next few before they arrive; the next requests find theirs in the worker, and answer as plain vLLM does."""
+    """After a fresh request, the enclave expands the next fresh key ids' matrices and the worker fetches most of
+    the next few before they arrive; the next requests find theirs in the worker, and answer as plain vLLM does."""
     import time
 
     greedy(per_request, user(["Say hi."]), max_tokens=2)
@@ -213,7 +213,8 @@ def test_fresh_requests_find_their_matrices_ahead(engines, per_request):
     prompts = user(["Name a colour.", "Count to three.", "What is 2+2?", "Name a fruit."])
     got, _ = greedy(per_request, prompts, max_tokens=8)
     after, fetched_after = per_request.apply_model(enclave_info)[0]["ahead"], per_request.apply_model(fetch_counts)[0]
-    assert fetched_after["hits"] - fetched["hits"] == 4 and fetched_after["error"] is None, (fetched, fetched_after)
+    # The worker asks again once half of the next 4 ids are missing, so 3 or 4 of them are there when they arrive.
+    assert fetched_after["hits"] - fetched["hits"] >= 3 and fetched_after["error"] is None, (fetched, fetched_after)
     assert after["hits"] - before["hits"] >= 2, (before, after)  # the worker's next fetch found them expanded
     assert got == greedy(engines.get("none"), prompts, max_tokens=8)[0]
 
