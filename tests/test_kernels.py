@@ -68,6 +68,13 @@ def test_swap_and_move_rows_follow_the_offsets(dtype):
     assert torch.equal(cache.view(slabs, -1), want)
 
 
+def test_touch_reads_one_word_of_every_line_and_writes_nothing():
+    t = torch.randn(5, 3, 64, 64).to(torch.bfloat16)  # one batch row's matrices of one part
+    kept = t.clone()
+    assert kernels.touch(t) == int(t.view(-1).view(torch.int64)[::8].sum())
+    assert torch.equal(t.view(torch.int16), kept.view(torch.int16))
+
+
 def test_step_moves_apply_once_per_layer():
     bs, d, heads, layers = 8, 4, 2, 3
     moves = cache_shuffle.plan_step([0, 1], [6], torch.tensor([[0]]), bs, heads, layers, cache_shuffle.fresh_generator())

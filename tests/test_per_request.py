@@ -57,7 +57,17 @@ def per_request(engines, tmp_path_factory):
     path = tmp_path_factory.mktemp("per-request-key") / "k.key"
     path.write_bytes(KEY)
     path.chmod(0o600)
-    return engines.get("per-request", key_file=str(path))
+    llm = engines.get("per-request", key_file=str(path))
+    llm.apply_model(beside)
+    return llm
+
+
+def beside(model) -> None:
+    """Runs in the worker: its row moves on a side thread, as a worker pinned by vLLM does them (the tests' workers
+    are not pinned, and move rows inline: the other engines cover that)."""
+    from vllm_kvshield.side_thread import SideThread
+
+    model.__dict__["_side_thread"] = SideThread()
 
 
 def test_flag_turns_per_request_on(per_request):
@@ -217,6 +227,19 @@ def test_fresh_requests_find_their_matrices_ahead(engines, per_request):
     assert fetched_after["hits"] - fetched["hits"] >= 3 and fetched_after["error"] is None, (fetched, fetched_after)
     assert after["hits"] - before["hits"] >= 2, (before, after)  # the worker's next fetch found them expanded
     assert got == greedy(engines.get("none"), prompts, max_tokens=8)[0]
+
+
+def side_calls(model) -> int:
+    return model._side_thread.calls
+
+
+def test_rows_move_beside_the_model(per_request):
+    """The fixture's worker moves a step's rows on its side thread (side_thread.py), one call per layer of each step
+    that wrote rows, then reads the next layer's four matrices, all run before the step returned: a prefill and two
+    decodes, 30 layers."""
+    before = per_request.apply_model(side_calls)[0]
+    greedy(per_request, user(["Say hi."]), max_tokens=3)
+    assert per_request.apply_model(side_calls)[0] - before == 3 * (30 + 4 * 29)
 
 
 def test_refusals_name_the_feature(model_path):

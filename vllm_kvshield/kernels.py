@@ -12,6 +12,7 @@ fp32, and move rows in place through the layout's offsets (kv_layout.row_offsets
     o2 = rows_matmul(o, mats[3], rows)                  # o [T, H, g, d]: o2[t, h] = o[t, h] @ mats[3][rows[t], h]
     swap_rows(cache, base, a, b, offsets)               # slab base[i]: rows a[i] and b[i] trade places
     move_rows(cache, base, dst, src, offsets)           # slab base[i]: row dst[i] <- row src[i], all gathered first
+    touch(mats[1])                                      # read one word of each 64-byte line: into the caches
 
 For head size 64 (SmolLM2's) each d x d product is one straight run of 512-bit vector code that
 numba emits from LLVM IR (_emit_product): the matrix is read once, row by row, its bf16 pairs
@@ -341,6 +342,15 @@ def _move_rows(flat, base, dst, src, offsets, tmp):
             flat[slab + row[e]] = tmp[i, e]
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _touch(words):
+    """Read one 8-byte word of each 64-byte line of words (int64): the lines come into the caches."""
+    total = 0
+    for i in range(0, words.shape[0], 8):
+        total += words[i]
+    return total
+
+
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
@@ -485,6 +495,13 @@ def move_rows(cache: torch.Tensor, base: np.ndarray, dst: np.ndarray, src: np.nd
     _move_rows(flat, base, dst, src, offsets, np.empty((len(base), offsets.shape[1]), flat.dtype))
 
 
+def touch(t: torch.Tensor) -> int:
+    """Bring a contiguous CPU tensor's cache lines into the CPU's caches: the sum of the first 8-byte word of each
+    64-byte line, as int64 (read to be read, not used)."""
+    assert t.is_cpu and t.is_contiguous() and t.numel() * t.element_size() % 8 == 0, f"{tuple(t.shape)} {t.dtype} on {t.device}"
+    return int(_touch(t.view(-1).view(torch.int64).numpy()))
+
+
 def compile_for(dtype: torch.dtype) -> None:
     """Compile (or load from numba's cache) the loops a worker of this dtype runs, before its first step."""
     x = torch.zeros(1, 1, 1, 2, dtype=dtype)
@@ -496,3 +513,4 @@ def compile_for(dtype: torch.dtype) -> None:
     index = np.zeros(1, np.int64)
     swap_rows(torch.zeros(2, dtype=dtype), index, index, index, np.zeros((1, 2), np.int64))
     move_rows(torch.zeros(2, dtype=dtype), index, index, index, np.zeros((1, 2), np.int64))
+    touch(torch.zeros(8, dtype=torch.int64))

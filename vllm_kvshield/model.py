@@ -10,8 +10,9 @@ is vLLM's class, unchanged. With it, once vLLM has built the model:
   - the checkpoint's q/k/v/o tensors (and Qwen3's q_norm/k_norm weights) go to the enclave,
     one call per layer, before vLLM's loaders shard them;
   - mode "per-request": each step's tokens are laid out by request (request_mix.StepPlan,
-    matrices kept by request_keys.py), and right after each layer's attention the rows the step
-    wrote there move to random slots of their blocks (cache_shuffle.py).
+    matrices kept by request_keys.py), and after each layer's attention the rows the step wrote
+    there move to random slots of their blocks (cache_shuffle.py), on a thread beside the model
+    when a core is spare (side_thread.py), done before the step returns.
 The families' attention forwards stay vLLM's: they call self.rotary_emb and self.attn.
 
     python -m vllm.entrypoints.openai.api_server --model Qwen/Qwen3-0.6B \\
@@ -46,6 +47,7 @@ from .config import ShieldConfig, ShieldConfigError, ShieldError, check_supporte
 from .families import FAMILIES_BY_CLASS, Family
 from .mixed_attention import MixedAttention, vllm_attention
 from .shield_status import ShieldStatus
+from .side_thread import SideThread
 from .transforms import ATTENTION_BIASES, ATTENTION_WEIGHTS, QK_NORM_WEIGHTS, AttentionShape, DeviceMaterial, shielded_rotary_cache
 
 logger = logging.getLogger("vllm.plugins.kvshield")  # under "vllm": vLLM's handlers and format
@@ -188,7 +190,7 @@ class ShieldedModel:
         if self.shield is None or self.shield.mode != "per-request":
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         meta = self._attention_metadata()
-        plan = moves = shuffle = None
+        plan = moves = shuffle = side = None
         if meta is not None and request_keys.current().key_ids:  # else: warm-up or profiling, no request
             starts = meta.query_start_loc.tolist()
             plan = request_mix.StepPlan.from_query_start_loc(starts)
@@ -199,12 +201,16 @@ class ShieldedModel:
             moves = cache_shuffle.plan_step(starts, meta.seq_lens.tolist(), meta.block_table, block_size, heads, len(attns),
                                             cache_shuffle.fresh_generator())
             if moves is not None:  # offsets [bs, 2d]: probed at the first step, then cached
-                shuffle = functools.partial(self._shuffle_layer, moves, attns, kv_layout.cache_offsets(attns[0]).numpy())
+                side = self._side_thread
+                shuffle = functools.partial(self._shuffle_layer, side, moves, attns, kv_layout.cache_offsets(attns[0]).numpy(),
+                                            plan.num_rows)
         request_mix.begin_step(plan, shuffle)
         try:
             out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
         finally:
             request_mix.begin_step(None)
+            if side is not None:  # the moves it was handed are done before the step returns
+                side.wait()
         if moves is not None and moves.pending:
             raise ShieldError(f"kvshield: layers {sorted(moves.pending)} ran without moving the rows they wrote; refusing to continue")
         return out
@@ -214,10 +220,26 @@ class ShieldedModel:
         """vLLM's Attention layer (it holds kv_cache) of each local layer, in order."""
         return [vllm_attention(self.model.layers[i].self_attn.attn) for i in self._local_layers()]
 
-    def _shuffle_layer(self, moves: cache_shuffle.StepMoves, attns: list, offsets: np.ndarray, layer: int) -> None:
-        """Right after a layer's attention (request_unmix): the rows the step wrote there move, while still in cache."""
+    @functools.cached_property
+    def _side_thread(self) -> SideThread | None:
+        """The thread that moves rows beside the model, on a core it does not compute on (None: none spare)."""
+        return SideThread.off_compute_cores()
+
+    def _shuffle_layer(self, side: SideThread | None, moves: cache_shuffle.StepMoves, attns: list, offsets: np.ndarray,
+                       rows: int, layer: int) -> None:
+        """Right after a layer's attention (request_unmix): the rows the step wrote there move, on the side thread
+        while the model computes the next layers (side_thread.py), else here while they are still in cache. The side
+        thread then reads the next layer's matrices of the step's `rows` batch rows, so that layer's mix finds them
+        in the cache the cores share rather than in memory."""
         position = layer - self.model.start_layer
-        moves.apply(position, attns[position].kv_cache, offsets)
+        args = (position, attns[position].kv_cache, offsets)
+        if side is None:
+            moves.apply(*args)
+        else:
+            side.submit(moves.apply, *args)
+            if position + 1 < len(attns):  # the next layer's matrices of the step's rows [4, R, H, d, d], read into
+                for part in request_keys.current().layer(layer + 1)[:, :rows]:  # the shared cache before its mix
+                    side.submit(kernels.touch, part)
 
     def _attention_metadata(self):
         """This step's attention metadata (one KV cache group: every layer shares it), None outside a step."""

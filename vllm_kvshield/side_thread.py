@@ -1,0 +1,76 @@
+"""Mode per-request, in a worker: the row shuffle of a step run beside the model, on a core it does not compute on.
+
+The rows a step wrote move after each layer's attention (cache_shuffle.py): on this CPU about 2 ms
+of a 77 ms decode step at batch 32, latency-bound (a row's K spans 64 cache lines of vLLM's vec
+layout), on the model's own core. Nothing reads a layer's cache again before the next step, so the
+moves of layer l can run while the model computes layers l+1 .. L-1: the worker hands them to one
+daemon thread started off its compute cores and waits for it before the step returns. The moves are
+numba loops that release the GIL. The thread then reads layer l+1's matrices of the step's requests
+(kernels.touch): the model's mix of that layer, memory-bound at batch 32 (a step reads 90 MiB of
+matrices), finds them in the cache the cores share. Without a spare core (the worker computes on
+every core it may use) the moves run inline, as before, and nothing is read ahead: a thread would
+only take turns with the model.
+
+    side = SideThread.off_compute_cores()    # None without a spare core
+    side.submit(moves.apply, 3, cache, offsets)
+    side.submit(kernels.touch, mats[4])      # layer 4's matrices, into the shared cache
+    side.wait()                              # every call submitted so far has run; raises the first failure
+"""
+
+import os
+import queue
+import threading
+from collections.abc import Callable
+
+import torch
+
+from . import ray_session
+
+
+class SideThread:
+    """Calls submitted by the model's thread, run in order on one daemon thread."""
+
+    def __init__(self):
+        self.cores = os.sched_getaffinity(0)  # the thread's, inherited from its starter's now
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self.calls = 0  # calls run (failed ones not counted)
+        self._thread = threading.Thread(target=self._run, name="kvshield-shuffle", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def off_compute_cores(cls) -> "SideThread | None":
+        """A thread off the cores this one computes on (it inherits the affinity it starts with), or None when every
+        core this thread may use runs one of torch's threads."""
+        pinned = os.sched_getaffinity(0)
+        with ray_session.off_compute_cores():
+            cores = os.sched_getaffinity(0)  # pinned: the spare cores; unpinned (vLLM in-process): all of them
+            if cores == pinned and len(cores) <= torch.get_num_threads():
+                return None
+            return cls()
+
+    def submit(self, fn: Callable, *args) -> None:
+        self._calls.put((fn, args))
+
+    def wait(self) -> None:
+        """Return once every call submitted so far has run; re-raise the first one that failed (the step fails)."""
+        done = threading.Event()
+        self._calls.put((None, done))
+        done.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self._calls.get()
+            if fn is None:  # a wait(): args is its Event
+                args.set()
+                continue
+            if self._error is not None:
+                continue  # after a failure, skip to the next wait(), which raises it
+            try:
+                fn(*args)
+                self.calls += 1
+            except Exception as e:  # handed to the model's thread at its wait()
+                self._error = e
