@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from vllm_kvshield import ray_session
-from vllm_kvshield.side_thread import SideThread
+from vllm_kvshield.side_thread import SideThread, last_level_cache_bytes
 
 
 def test_calls_run_in_order_before_wait_returns():
@@ -62,3 +62,12 @@ def test_no_thread_when_every_core_computes(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: len(os.sched_getaffinity(0)))
     monkeypatch.setattr(ray_session.os, "getppid", lambda: os.getpid())  # the starter is as pinned as the worker
     assert SideThread.off_compute_cores() is None
+
+
+def test_the_last_level_cache_is_the_largest_sysfs_lists(tmp_path):
+    """The size that decides whether a step's moves go to the side thread."""
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K"), ("index4", "1M")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(str(tmp_path)) == 32 << 20
+    assert last_level_cache_bytes(str(tmp_path / "none")) == 0

@@ -47,7 +47,7 @@ from .config import ShieldConfig, ShieldConfigError, ShieldError, check_supporte
 from .families import FAMILIES_BY_CLASS, Family
 from .mixed_attention import MixedAttention, vllm_attention
 from .shield_status import ShieldStatus
-from .side_thread import SideThread
+from .side_thread import SideThread, last_level_cache_bytes
 from .transforms import ATTENTION_BIASES, ATTENTION_WEIGHTS, QK_NORM_WEIGHTS, AttentionShape, DeviceMaterial, shielded_rotary_cache
 
 logger = logging.getLogger("vllm.plugins.kvshield")  # under "vllm": vLLM's handlers and format
@@ -201,7 +201,8 @@ class ShieldedModel:
             moves = cache_shuffle.plan_step(starts, meta.seq_lens.tolist(), meta.block_table, block_size, heads, len(attns),
                                             cache_shuffle.fresh_generator())
             if moves is not None:  # offsets [bs, 2d]: probed at the first step, then cached
-                side = self._side_thread
+                if plan.num_rows * request_keys.current().row_bytes > self._side_from_bytes:
+                    side = self._side_thread
                 shuffle = functools.partial(self._shuffle_layer, side, moves, attns, kv_layout.cache_offsets(attns[0]).numpy(),
                                             plan.num_rows)
         request_mix.begin_step(plan, shuffle)
@@ -225,6 +226,11 @@ class ShieldedModel:
         """The thread that moves rows beside the model, on a core it does not compute on (None: none spare)."""
         return SideThread.off_compute_cores()
 
+    @functools.cached_property
+    def _side_from_bytes(self) -> int:
+        """A step whose matrices exceed this (the last-level cache) moves rows on the side thread (side_thread.py)."""
+        return last_level_cache_bytes()
+
     def _shuffle_layer(self, side: SideThread | None, moves: cache_shuffle.StepMoves, attns: list, offsets: np.ndarray,
                        rows: int, layer: int) -> None:
         """Right after a layer's attention (request_unmix): the rows the step wrote there move, on the side thread
@@ -232,14 +238,11 @@ class ShieldedModel:
         thread then reads the next layer's matrices of the step's `rows` batch rows, so that layer's mix finds them
         in the cache the cores share rather than in memory."""
         position = layer - self.model.start_layer
-        args = (position, attns[position].kv_cache, offsets)
         if side is None:
-            moves.apply(*args)
-        else:
-            side.submit(moves.apply, *args)
-            if position + 1 < len(attns):  # the next layer's matrices of the step's rows [4, R, H, d, d], read into
-                for part in request_keys.current().layer(layer + 1)[:, :rows]:  # the shared cache before its mix
-                    side.submit(kernels.touch, part)
+            moves.apply(position, attns[position].kv_cache, offsets)
+            return
+        ahead = request_keys.current().layer(layer + 1)[:, :rows] if position + 1 < len(attns) else None  # [4, R, H, d, d]
+        side.submit(_move_and_read_ahead, moves, position, attns[position].kv_cache, offsets, ahead)
 
     def _attention_metadata(self):
         """This step's attention metadata (one KV cache group: every layer shares it), None outside a step."""
@@ -316,6 +319,14 @@ class KVShieldQwen3ForCausalLM(ShieldedModel, Qwen3ForCausalLM):
 
 class KVShieldMistralForCausalLM(ShieldedModel, MistralForCausalLM):
     family = FAMILIES_BY_CLASS["MistralForCausalLM"]
+
+
+def _move_and_read_ahead(moves: cache_shuffle.StepMoves, position: int, cache: torch.Tensor, offsets: np.ndarray,
+                         ahead: torch.Tensor | None) -> None:
+    """On the side thread: one layer's row moves, then the next layer's matrices [4, R, H, d, d] read into the cache."""
+    moves.apply(position, cache, offsets)
+    for part in () if ahead is None else ahead:
+        kernels.touch(part)
 
 
 def shield_status(model) -> dict:
