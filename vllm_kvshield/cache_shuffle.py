@@ -18,8 +18,9 @@ holding its slots' K and V at offsets that depend on the attention ISA (kv_layou
 off vLLM's own write op). Rows move whole (K and V of a slot together, element by element) through
 those offsets, in place (kernels.swap_rows, kernels.move_rows). The moves of a step are drawn
 before its forward; the model applies each layer's once that layer's attention has run (request_mix's
-unmix op hands them on): on a thread beside the model when the worker has a spare core
-(side_thread.py), else at once, while the blocks it just read are still in the CPU's caches.
+unmix op hands them on): on a thread beside the model when the worker has a spare core and the
+step's matrices exceed the last-level cache (side_thread.py), else at once, while the blocks it just
+read are still in the CPU's caches.
 
     moves = plan_step(starts=[0, 1, 2, 40], seq_lens=[70, 129, 38], block_table=bt, block_size=128,
                       heads=3, layers=30, generator=g)

@@ -12,7 +12,8 @@ is vLLM's class, unchanged. With it, once vLLM has built the model:
   - mode "per-request": each step's tokens are laid out by request (request_mix.StepPlan,
     matrices kept by request_keys.py), and after each layer's attention the rows the step wrote
     there move to random slots of their blocks (cache_shuffle.py), on a thread beside the model
-    when a core is spare (side_thread.py), done before the step returns.
+    when a core is spare and the step's matrices exceed the last-level cache (side_thread.py),
+    done before the step returns.
 The families' attention forwards stay vLLM's: they call self.rotary_emb and self.attn.
 
     python -m vllm.entrypoints.openai.api_server --model Qwen/Qwen3-0.6B \\
