@@ -40,13 +40,13 @@ def test_matrices_fetched_ahead_are_the_enclaves_for_those_ids():
     enclave, ids = Enclave(), T.FreshKeyIds()
     first, *later = [ids.next() for _ in range(7)]
     fetch = enclave.fetch(depth=4)
-    torch.testing.assert_close(fetch([first]), expand([first]))
+    torch.testing.assert_close(torch.stack(fetch([first])), expand([first]))
     assert enclave.asked == [[first], later[:4]]  # the next four asked for at once, without waiting
     got = fetch(later[:2] + [T.tenant_key_id("a")])  # two held, the tenant's fetched now
-    torch.testing.assert_close(got, expand(later[:2] + [T.tenant_key_id("a")]))
+    torch.testing.assert_close(torch.stack(got), expand(later[:2] + [T.tenant_key_id("a")]))
     assert fetch.hits == 2 and enclave.asked[2] == [T.tenant_key_id("a")]
     assert enclave.asked[3] == later[4:6]  # half the window gone: the rest of it asked for
-    torch.testing.assert_close(fetch(later[2:5]), expand(later[2:5]))
+    torch.testing.assert_close(torch.stack(fetch(later[2:5])), expand(later[2:5]))
     assert fetch.hits == 5
 
 
@@ -55,7 +55,7 @@ def test_a_request_whose_matrices_are_on_their_way_waits_for_them():
     first, second, third = ids.next(), ids.next(), ids.next()
     fetch = enclave.fetch(depth=2)
     fetch([first])
-    torch.testing.assert_close(fetch([second]), expand([second]))  # in flight: collected, not asked again
+    torch.testing.assert_close(torch.stack(fetch([second])), expand([second]))  # in flight: collected, not asked again
     assert [second] not in enclave.asked[2:] and fetch.hits == 1
     fetch([third])
     assert fetch.hits == 2
@@ -78,7 +78,7 @@ def test_at_most_depth_held_and_passed_ids_dropped():
     fetch([key_ids[1]])  # collects 1..4, holds 2..4
     fetch([key_ids[10]])  # 2..4 never came: dropped; 11..14 asked for
     assert fetch.counts()["held"] <= 4 and all(k > key_ids[10] for k in fetch._held)
-    torch.testing.assert_close(fetch([key_ids[3]]), expand([key_ids[3]]))  # a late one is fetched on arrival
+    torch.testing.assert_close(torch.stack(fetch([key_ids[3]])), expand([key_ids[3]]))  # a late one is fetched on arrival
 
 
 def test_a_failing_enclave_refuses_the_request_even_with_a_call_ahead_pending():

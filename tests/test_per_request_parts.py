@@ -171,7 +171,7 @@ def test_a_request_without_key_id_is_refused():
 
 def test_matrices_that_do_not_fit_the_worker_are_refused():
     wrong = request_keys.RequestKeyRows(range(2), [0, 1], 8, 4, torch.bfloat16, "cpu", make_rows()[0]._materials)  # fp32 answers
-    with pytest.raises(ShieldError, match=r"answered matrices \(1, 2, 4, 2, 8, 8\) torch.float32"):
+    with pytest.raises(ShieldError, match=r"answered 1 requests' matrices \(2, 4, 2, 8, 8\) torch.float32"):
         wrong.apply(BatchUpdate(batch_size=1, removed=[], added=[(0, params_of("a" * 32), None, [])], moved=[]))
     assert not wrong.key_ids
 

@@ -11,7 +11,7 @@ when, never what.
 
     fetch = MaterialFetch(ask=lambda ids: handle.request_material.remote(ids, ...), ready=is_done,
                           answer=lambda ref: tensor_of(ray.get(ref)), depth=4)
-    mats = fetch(["f...0007"])   # [N, L, 4, H, d, d]; asks for f...0008 .. f...000b meanwhile
+    mats = fetch(["f...0007"])   # N x [L, 4, H, d, d]; asks for f...0008 .. f...000b meanwhile
 
 The price: a worker holds up to `depth` requests' matrices before those requests exist (README,
 "Where the key material lives").
@@ -29,7 +29,7 @@ Pending = Any  # an answer on its way (a Ray ObjectRef)
 
 
 class MaterialFetch:
-    """Key ids -> their matrices [N, L, 4, H, d, d], the next fresh ids' asked for ahead."""
+    """Key ids -> their matrices, N x [L, 4, H, d, d], the next fresh ids' asked for ahead."""
 
     def __init__(self, ask: Callable[[list[str]], Pending], ready: Callable[[Pending], bool],
                  answer: Callable[[Pending], torch.Tensor], depth: int):
@@ -42,19 +42,18 @@ class MaterialFetch:
         self.hits = 0  # requests whose matrices were here when they arrived
         self.error: str | None = None  # the last failed call ahead (its requests were then fetched on arrival)
 
-    def __call__(self, key_ids: list[str]) -> torch.Tensor:
+    def __call__(self, key_ids: list[str]) -> list[torch.Tensor]:
+        """Each key id's matrices [L, 4, H, d, d], in order: views into the answers, never copied here (the
+        caller copies each into its batch row)."""
         if self._pending is not None and (self._ready(self._pending[1]) or set(key_ids) & set(self._pending[0])):
             self._collect()  # arrived, or on its way with matrices needed now: waiting beats asking again
         found = {k: self._held.pop(k) for k in key_ids if k in self._held}
         self.hits += len(found)
         missing = [k for k in key_ids if k not in found]
-        fetched = self._answer(self._ask(missing)) if missing else None
+        if missing:
+            found.update(zip(missing, self._answer(self._ask(missing)).unbind(0)))
         self._ask_ahead(key_ids)
-        if not found:
-            return fetched
-        if fetched is not None:
-            found.update(zip(missing, fetched.unbind(0)))
-        return torch.stack([found[k] for k in key_ids])
+        return [found[k] for k in key_ids]
 
     def _collect(self) -> None:
         key_ids, pending = self._pending

@@ -46,14 +46,14 @@ class RequestKeyRows:
         max_rows: int,
         dtype: torch.dtype,
         device: torch.device | str,
-        materials: Callable[[list[str]], torch.Tensor],
+        materials: Callable[[list[str]], Sequence[torch.Tensor]],
     ):
         self.layers = list(layers)  # global indices of this worker's layers
         self.kv_heads = list(kv_heads)  # global indices of this rank's KV heads
         self.head_dim = head_dim
         self.max_rows = max_rows
         self._first = self.layers[0]
-        self._materials = materials  # key ids -> [N, L, 4, H, d, d] (enclave.material_fetch)
+        self._materials = materials  # key ids -> N x [L, 4, H, d, d] (enclave.material_fetch)
         # [L, 4, R, H, d, d]: per layer and part, rows a..b are one contiguous [b-a, H, d, d] slice
         shape = (len(self.layers), 4, min(max_rows, INITIAL_ROWS), len(self.kv_heads), head_dim, head_dim)
         self.material = torch.zeros(shape, dtype=dtype, device=device)
@@ -79,8 +79,9 @@ class RequestKeyRows:
             return
         if rows > self.max_rows:
             raise ShieldError(f"kvshield: batch row {rows - 1} beyond max_num_seqs={self.max_rows}")
-        grown = self.material.new_zeros(*self.material.shape[:2], min(self.max_rows, max(rows, 2 * have)), *self.material.shape[3:])
+        grown = self.material.new_empty(*self.material.shape[:2], min(self.max_rows, max(rows, 2 * have)), *self.material.shape[3:])
         grown[:, :, :have] = self.material
+        grown[:, :, have:] = 0  # rows of no request are zero; each byte written once (not zeroed, then copied over)
         self.material = grown
 
     def fetched_ahead(self) -> dict:
@@ -105,11 +106,13 @@ class RequestKeyRows:
             self._clear(row)
         if update.added:
             key_ids = [key_id(params) for _, params, _, _ in update.added]
-            mats = self._materials(key_ids)  # [N, L, 4, H, d, d]
-            want = (len(key_ids), *self.material.shape[:2], *self.material.shape[3:])
-            if tuple(mats.shape) != want or mats.dtype != self.material.dtype:
-                raise ShieldError(f"kvshield: the enclave answered matrices {tuple(mats.shape)} {mats.dtype}, "
-                                  f"this worker needs {want} {self.material.dtype}")
+            mats = self._materials(key_ids)  # N x [L, 4, H, d, d]
+            want = (*self.material.shape[:2], *self.material.shape[3:])
+            wrong = [m for m in mats if tuple(m.shape) != want or m.dtype != self.material.dtype]
+            if len(mats) != len(key_ids) or wrong:
+                got = wrong[0] if wrong else mats[0]
+                raise ShieldError(f"kvshield: the enclave answered {len(mats)} requests' matrices {tuple(got.shape)} {got.dtype}, "
+                                  f"this worker needs {len(key_ids)} of {want} {self.material.dtype}")
             for (row, *_), kid, m in zip(update.added, key_ids, mats):
                 self.material[:, :, row] = m
                 self.key_ids[row] = kid
