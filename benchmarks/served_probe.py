@@ -11,7 +11,6 @@ benchmark, bench/serving.py), reading each process's CPU seconds (psutil) before
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ import time
 import psutil
 from transformers import AutoTokenizer
 
-from vllm_kvshield.bench import serving
+from vllm_kvshield.bench import serving, stats
 from vllm_kvshield.bench.servers import ServerProcess
 from vllm_kvshield.bench.settings import profile
 from vllm_kvshield.default_model import model_path
@@ -73,7 +72,7 @@ def main() -> None:
                         print(json.dumps(loads[-1]), flush=True)
             finally:
                 server.stop()
-    medians = {kind: {key: statistics.median(x[key] for x in loads if x["kind"] == kind)
+    medians = {kind: {key: stats.median([x[key] for x in loads if x["kind"] == kind])
                       for key in ("requests_per_s", "p50_tpot_ms", "p50_ttft_ms")} for kind in KINDS}
     result = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),

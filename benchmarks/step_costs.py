@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from vllm_kvshield.bench import stats
+
 MODES = ("none", "per-request")
 
 
@@ -77,7 +79,7 @@ def main() -> None:
         done = subprocess.run([sys.executable, __file__, "--out", args.out, "--rounds", str(args.rounds), "--child", mode],
                               check=True, capture_output=True, text=True)
         runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    medians = {mode: {k: sorted(r[k] for r in rounds)[len(rounds) // 2] for k in rounds[0]} for mode, rounds in runs.items()}
+    medians = {mode: {k: stats.median([r[k] for r in rounds]) for k in rounds[0]} for mode, rounds in runs.items()}
     result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "runs": runs, "medians": medians,
               "ratio_generate": medians["none"]["generate"] / medians["per-request"]["generate"]}
     with open(args.out, "w", encoding="utf-8") as f:

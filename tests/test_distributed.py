@@ -377,8 +377,9 @@ class Runs:
 
 
 def wait_for_devices(count: int, timeout_s: float = 120.0) -> None:
-    """Until the head node shows `count` free (fake) GPUs: vLLM's Ray executor refuses at once when the node it
-    starts on has none free, and the Ray workers of the engine before release theirs only after its shutdown."""
+    """Until the cluster shows `count` free (fake) GPUs, all of them the head node's: vLLM's Ray executor refuses at
+    once when the node it starts on has none free, and the engine before releases its workers' only after its
+    shutdown."""
     import ray
 
     deadline = time.monotonic() + timeout_s

@@ -110,7 +110,7 @@ class RequestKeyRows:
             want = (*self.material.shape[:2], *self.material.shape[3:])
             wrong = [m for m in mats if tuple(m.shape) != want or m.dtype != self.material.dtype]
             if len(mats) != len(key_ids) or wrong:
-                got = wrong[0] if wrong else mats[0]
+                got = (wrong or mats or [torch.empty(0)])[0]
                 raise ShieldError(f"kvshield: the enclave answered {len(mats)} requests' matrices {tuple(got.shape)} {got.dtype}, "
                                   f"this worker needs {len(key_ids)} of {want} {self.material.dtype}")
             for (row, *_), kid, m in zip(update.added, key_ids, mats):
