@@ -19,7 +19,7 @@ import pytest
 from vllm_kvshield.bench import machine, material, serving, stats, throughput
 from vllm_kvshield.bench.cli import main
 from vllm_kvshield.bench.settings import PER_REQUEST, PROFILES, parse_sections, parse_server_modes, profile
-from vllm_kvshield.config import DEFAULT_MODE, PLAIN_MODE, parse_modes
+from vllm_kvshield.config import DEFAULT_FETCH_AHEAD, DEFAULT_MODE, PLAIN_MODE, parse_modes
 
 SMOKE_MODES = ("none", PER_REQUEST)
 RUN_BOUND_S = 1800  # against hangs on a busy machine, not a performance check
@@ -327,7 +327,7 @@ def test_per_request_material_figures(smoke, model_path):
     held = m["offline"]
     assert held["row_bytes"] == expected and held["row_bytes_match_formula"] is True and held["dtype"] == "bfloat16"
     assert held["bytes"] == held["rows"] * held["row_bytes"]
-    assert 0 <= held["fetched_ahead"] <= 4  # fetch_ahead's default
+    assert 0 <= held["fetched_ahead"] <= DEFAULT_FETCH_AHEAD
     assert held["rows"] >= max(p["prompts"] for p in result["prompt_sets"]) and held["rows"] <= held["max_rows"]
     batches = {str(n) for n in s["material_batches"]}
     assert set(m["generation_one_thread"]) == set(m["decode_step_one_thread"]) == batches <= set(result["plain_decode_step_s"])

@@ -36,11 +36,12 @@ def test_ready_matrices_equal_those_expanded_on_demand():
     ids = T.FreshKeyIds()
     first, *later = [ids.next() for _ in range(6)]
     ahead = MaterialAhead(expand, depth=3)
-    torch.testing.assert_close(ahead.take([first], PART), expand([first], PART))
+    torch.testing.assert_close(torch.stack(ahead.take([first], PART)), expand([first], PART))
     wait_for(lambda: ahead.made == 3)  # the next three ids, and no more
     got = ahead.take(later[:4], PART)  # three ready, the fourth expanded now
     assert ahead.hits == 3
-    torch.testing.assert_close(got, expand(later[:4], PART), rtol=1e-6, atol=1e-6)
+    assert isinstance(got, list) and len(got) == 4  # one tensor per request: nothing stacked (copied) again
+    torch.testing.assert_close(torch.stack(got), expand(later[:4], PART), rtol=1e-6, atol=1e-6)
     wait_for(lambda: ahead.made == 6)
     other_worker = ((2,), (1,), 8, torch.float32)  # another pipeline stage / TP rank: its own queue
     ahead.take([later[4]], other_worker)
@@ -50,8 +51,8 @@ def test_ready_matrices_equal_those_expanded_on_demand():
 def test_tenants_queue_nothing_and_depth_zero_never_expands_ahead():
     ahead = MaterialAhead(expand, depth=4)
     tenant = T.tenant_key_id("tenant-a")
-    torch.testing.assert_close(ahead.take([tenant], PART), expand([tenant], PART))
-    torch.testing.assert_close(ahead.take([tenant], PART), expand([tenant], PART))  # same tenant, same numbers
+    torch.testing.assert_close(torch.stack(ahead.take([tenant], PART)), expand([tenant], PART))
+    torch.testing.assert_close(torch.stack(ahead.take([tenant], PART)), expand([tenant], PART))  # same tenant, same numbers
     off = MaterialAhead(expand, depth=0)
     off.take([T.FreshKeyIds().next()], PART)
     time.sleep(0.2)
@@ -73,7 +74,7 @@ def test_a_failing_thread_leaves_requests_served():
     ahead.take([first], PART)
     wait_for(lambda: ahead.error is not None)
     assert ahead.error == "RuntimeError: out of memory"
-    torch.testing.assert_close(ahead.take([second], PART), expand([second], PART))
+    torch.testing.assert_close(torch.stack(ahead.take([second], PART)), expand([second], PART))
 
 
 @pytest.fixture
@@ -91,7 +92,8 @@ def test_enclave_answers_matrices_not_seeds(per_request_enclave):
     ids = T.FreshKeyIds()
     key_ids = [ids.next(), T.tenant_key_id("tenant-a")]
     bits = actor.request_material(key_ids, [0, 1], [0, 1], 8, torch.bfloat16)  # what goes through Ray
-    got = enclave.material_tensor(bits, torch.bfloat16)
+    assert isinstance(bits, list) and len(bits) == 2  # per request, each handed to Ray as it is
+    got = torch.stack([enclave.material_tensor(b, torch.bfloat16) for b in bits])
     assert got.dtype == torch.bfloat16 and got.shape == (2, 2, 4, 2, 8, 8)
     torch.testing.assert_close(got, expand(key_ids, PART).to(torch.bfloat16))
     wait_for(lambda: actor._ahead.made == 2)
@@ -127,7 +129,7 @@ def test_request_matrices_only_in_mode_per_request(tmp_path, monkeypatch):
         Enclave("mix", str(path)).request_material([T.tenant_key_id("a")], [0], [0], 8, torch.float32)
 
 
-AHEAD_COUNTS = (("prepare_ahead", 64, 4096), ("fetch_ahead", 4, 256))  # config key, default, largest accepted
+AHEAD_COUNTS = (("prepare_ahead", 64, 4096), ("fetch_ahead", 32, 256))  # config key, default, largest accepted
 
 
 @pytest.mark.parametrize("name, default, most, bad", [(n, d, m, bad) for n, d, m in AHEAD_COUNTS for bad in (-1, m + 1, 2.5, True, "64")])

@@ -33,7 +33,7 @@ class Enclave:
     def answer(self, ids):
         if self.fail:
             raise ShieldError("kvshield: the enclave actor is gone (test); mode per-request cannot key new requests")
-        return expand(ids)
+        return list(expand(ids))  # one tensor per key id, as the enclave's answer
 
 
 def test_matrices_fetched_ahead_are_the_enclaves_for_those_ids():
@@ -90,3 +90,11 @@ def test_a_failing_enclave_refuses_the_request_even_with_a_call_ahead_pending():
     with pytest.raises(ShieldError, match="cannot key new requests"):
         fetch([second])  # its call ahead failed: asked again on arrival, which fails closed
     assert "enclave actor is gone" in fetch.counts()["error"]
+
+
+def test_an_answer_of_the_wrong_length_is_refused():
+    enclave, ids = Enclave(), T.FreshKeyIds()
+    enclave.answer = lambda asked: list(expand(asked))[:-1]
+    fetch = enclave.fetch(depth=0)
+    with pytest.raises(ShieldError, match="answered 1 requests' matrices for 2 key ids"):
+        fetch([ids.next(), ids.next()])

@@ -13,7 +13,7 @@ from .transforms import MODES
 CONFIG_KEY = "kvshield"
 DEFAULT_MODE = "mix"
 DEFAULT_PREPARE_AHEAD = 64
-DEFAULT_FETCH_AHEAD = 4
+DEFAULT_FETCH_AHEAD = 32
 # What the evaluation tools (attack, bench) compare: the plugin installed without the flag, then every mode.
 PLAIN_MODE = "none"
 COMPARED_MODES = (PLAIN_MODE, *MODES)

@@ -76,8 +76,8 @@ class Enclave:
         return out, material
 
     def request_material(self, key_ids: list[str], layers: list[int], kv_heads: list[int], head_dim: int, dtype: torch.dtype):
-        """Mode per-request: [N, L, 4, H, d, d] runtime matrices of these key ids (a request's, or a tenant's), for
-        one worker's layers and KV heads, in its dtype (transforms.request_material), as material_bits."""
+        """Mode per-request: each key id's (a request's, or a tenant's) runtime matrices [L, 4, H, d, d] for one
+        worker's layers and KV heads, in its dtype (transforms.request_material), as a list of material_bits."""
         if self._mode != "per-request":
             raise ShieldError(f"kvshield: request matrices exist only in mode per-request; this enclave runs {self._mode!r}")
         bad = [k for k in key_ids if not transforms.is_key_id(k)]
@@ -86,7 +86,7 @@ class Enclave:
                               f"{transforms.TENANT!r} or {transforms.FRESH!r}, then hex digits")
         part = (tuple(int(i) for i in layers), tuple(int(h) for h in kv_heads), int(head_dim), dtype)
         self._request_seeds += len(key_ids)
-        return material_bits(self._ahead.take(list(key_ids), part))
+        return [material_bits(m) for m in self._ahead.take(list(key_ids), part)]
 
     def _expand(self, key_ids: list[str], part) -> torch.Tensor:
         layers, kv_heads, head_dim, dtype = part
@@ -148,7 +148,7 @@ def material_fetch(handle, layers: list[int], kv_heads: list[int], head_dim: int
     return MaterialFetch(
         ask=lambda key_ids: handle.request_material.remote(key_ids, layers, kv_heads, head_dim, dtype),
         ready=lambda ref: bool(ray.wait([ref], timeout=0)[0]),
-        answer=lambda ref: material_tensor(answer(ref, "request_material", refusing=_NO_KEYS), dtype),
+        answer=lambda ref: [material_tensor(b, dtype) for b in answer(ref, "request_material", refusing=_NO_KEYS)],
         depth=depth,
     )
 

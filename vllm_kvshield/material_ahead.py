@@ -9,7 +9,7 @@ ready; anything not ready (a tenant's id, a burst larger than `depth`, an id ser
 is expanded at once, to the same numbers: readiness changes when, never what.
 
     ahead = MaterialAhead(expand=lambda ids, part: ..., depth=64)
-    mats = ahead.take(["f...0007", "t..."], part)   # [N, L, 4, H, d, d]; queues f...0008 .. f...0047
+    mats = ahead.take(["f...0007", "t..."], part)   # N x [L, 4, H, d, d]; queues f...0008 .. f...0047
 
 `part` names what one worker holds (its layers, KV heads, head dim, dtype): each worker slice
 keeps its own queue. At most `depth` expanded requests wait per slice (the oldest go first).
@@ -47,8 +47,11 @@ class MaterialAhead:
             return {"made": self.made, "hits": self.hits, "ready": sum(map(len, self._ready.values())),
                     "queued": len(self._wanted) + (self._busy is not None), "error": self.error}
 
-    def take(self, key_ids: list[str], part: Hashable) -> torch.Tensor:
-        """[N, L, 4, H, d, d] of these key ids: ready ones popped, the rest expanded now; then the next ids queued."""
+    def take(self, key_ids: list[str], part: Hashable) -> list[torch.Tensor]:
+        """Each key id's [L, 4, H, d, d], in order: ready ones popped, the rest expanded now; then the next ids queued.
+
+        A list, not a stack: the enclave hands each to Ray as it is (stacking copied a burst's matrices once more,
+        90 MiB for 32 SmolLM2 requests, on the core the engine core needs)."""
         with self._cond:
             while self._busy is not None and self._busy[0] == part and self._busy[1] in key_ids:
                 self._cond.wait()  # the thread is making one of them: wait rather than make it twice
@@ -62,7 +65,7 @@ class MaterialAhead:
             found.update(zip(missing, self._expand(missing, part).unbind(0)))
         if self.depth:
             self._queue(key_ids, part)
-        return torch.stack([found[k] for k in key_ids])
+        return [found[k] for k in key_ids]
 
     def _queue(self, key_ids: list[str], part: Hashable) -> None:
         """Want the `depth` ids after the newest fresh one served (those ready or being made stay as they are)."""

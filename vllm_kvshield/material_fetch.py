@@ -10,14 +10,14 @@ comes back after preemption, one past the window) is fetched when it arrives: fe
 when, never what.
 
     fetch = MaterialFetch(ask=lambda ids: handle.request_material.remote(ids, ...), ready=is_done,
-                          answer=lambda ref: tensor_of(ray.get(ref)), depth=4)
+                          answer=lambda ref: [tensor_of(a) for a in ray.get(ref)], depth=32)
     mats = fetch(["f...0007"])   # N x [L, 4, H, d, d]; asks for f...0008 .. f...000b meanwhile
 
 The price: a worker holds up to `depth` requests' matrices before those requests exist (README,
 "Where the key material lives").
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,10 +32,10 @@ class MaterialFetch:
     """Key ids -> their matrices, N x [L, 4, H, d, d], the next fresh ids' asked for ahead."""
 
     def __init__(self, ask: Callable[[list[str]], Pending], ready: Callable[[Pending], bool],
-                 answer: Callable[[Pending], torch.Tensor], depth: int):
+                 answer: Callable[[Pending], Sequence[torch.Tensor]], depth: int):
         self._ask = ask  # key ids -> a pending answer
         self._ready = ready  # pending answer -> has it arrived (never waits)
-        self._answer = answer  # pending answer -> [N, L, 4, H, d, d] (waits; ShieldError if the enclave failed)
+        self._answer = answer  # pending answer -> N x [L, 4, H, d, d] (waits; ShieldError if the enclave failed)
         self.depth = depth
         self._held: dict[str, torch.Tensor] = {}  # key id -> its matrices [L, 4, H, d, d], fetched ahead
         self._pending: tuple[list[str], Pending] | None = None  # the call in flight: its key ids, its answer
@@ -51,7 +51,7 @@ class MaterialFetch:
         self.hits += len(found)
         missing = [k for k in key_ids if k not in found]
         if missing:
-            found.update(zip(missing, self._answer(self._ask(missing)).unbind(0)))
+            found.update(self._take(missing, self._ask(missing)))
         self._ask_ahead(key_ids)
         return [found[k] for k in key_ids]
 
@@ -59,11 +59,15 @@ class MaterialFetch:
         key_ids, pending = self._pending
         self._pending = None
         try:
-            mats = self._answer(pending)
+            self._held.update(self._take(key_ids, pending))
         except ShieldError as e:  # these requests are asked for again when they arrive, and fail closed then
             self.error = str(e)
-            return
-        self._held.update(zip(key_ids, mats.unbind(0)))
+
+    def _take(self, key_ids: list[str], pending: Pending) -> dict[str, torch.Tensor]:
+        mats = self._answer(pending)
+        if len(mats) != len(key_ids):
+            raise ShieldError(f"kvshield: the enclave answered {len(mats)} requests' matrices for {len(key_ids)} key ids")
+        return dict(zip(key_ids, mats))
 
     def _ask_ahead(self, key_ids: list[str]) -> None:
         """Ask for the `depth` fresh ids after the newest one here, once half of them are missing."""

@@ -9,7 +9,7 @@ step's rows 0..n-1 are one contiguous slice (nothing is gathered per step). Rows
 are zero: a token without a request is mixed to zero, never passed through in the clear.
 
     rows = RequestKeyRows(layers=range(30), kv_heads=[0, 1, 2], head_dim=64, max_rows=256, dtype=torch.bfloat16,
-                          device="cpu", materials=enclave.material_fetch(h, range(30), [0, 1, 2], 64, torch.bfloat16, depth=4))
+                          device="cpu", materials=enclave.material_fetch(h, range(30), [0, 1, 2], 64, torch.bfloat16, depth=32))
     install(rows)                   # the worker's model, at load
     rows.apply(batch_update)        # before each step (KeyRowsProcessor.update_state)
     rows.layer(0)                   # [4, max_rows, H, d, d]: M, M^{-T}, A, A^{-1} per row and head
