@@ -275,8 +275,10 @@ def test_servers_enclave_and_ablation_schema(smoke, layers):
             assert x["runs"] == s["server_rounds"] and x["in_flight"] == c
             assert x["completed"] == n and x["failed"] == 0 and x["preemptions"] >= 0
             assert x["total_output_tokens"] == n * s["serving_output_len"]
-            if kind == PER_REQUEST:  # every request keyed by the enclave (warm-up included), some ready ahead or none
-                assert x["kvshield_request_keys"] >= n >= 1 and 0 <= x["kvshield_request_keys_ready"] <= x["kvshield_request_keys"]
+            if kind == PER_REQUEST:  # keys the enclave served in the load's window (warm-up included), some ready ahead or none
+                assert 0 <= x["kvshield_request_keys_ready"] <= x["kvshield_request_keys"]
+                if c == s["serving_sweep"][0][0]:  # later loads' requests may have been keyed before (fetch_ahead)
+                    assert x["kvshield_request_keys"] >= n >= 1
             else:
                 assert "kvshield_request_keys" not in x
     assert set(served["ratio_to_plain"]) == {PER_REQUEST} and set(served["ratio_to_plain"][PER_REQUEST]) == points
