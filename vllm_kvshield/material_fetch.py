@@ -11,7 +11,7 @@ when, never what.
 
     fetch = MaterialFetch(ask=lambda ids: handle.request_material.remote(ids, ...), ready=is_done,
                           answer=lambda ref: [tensor_of(a) for a in ray.get(ref)], depth=32)
-    mats = fetch(["f...0007"])   # N x [L, 4, H, d, d]; asks for f...0008 .. f...000b meanwhile
+    mats = fetch(["f...0007"])   # N x [L, 4, H, d, d]; asks for f...0008 .. f...0027 meanwhile
 
 The price: a worker holds up to `depth` requests' matrices before those requests exist (README,
 "Where the key material lives").
@@ -64,6 +64,7 @@ class MaterialFetch:
             self.error = str(e)
 
     def _take(self, key_ids: list[str], pending: Pending) -> dict[str, torch.Tensor]:
+        """Key id -> its matrices from an answer asked for those key ids, in their order (waits for it)."""
         mats = self._answer(pending)
         if len(mats) != len(key_ids):
             raise ShieldError(f"kvshield: the enclave answered {len(mats)} requests' matrices for {len(key_ids)} key ids")
