@@ -48,6 +48,24 @@ def test_ready_matrices_equal_those_expanded_on_demand():
     assert ahead.hits == 3, "one worker's ready matrices served another's slice"
 
 
+def test_a_call_ahead_takes_only_ready_matrices_and_expands_nothing():
+    calls = []
+
+    def counted(ids, part):
+        calls.append(list(ids))
+        return expand(ids, part)
+
+    ids = T.FreshKeyIds()
+    first, *later = [ids.next() for _ in range(5)]
+    ahead = MaterialAhead(counted, depth=2)
+    ahead.take([first], PART)
+    wait_for(lambda: ahead.made == 2)
+    got = ahead.take_ready(later[:3], PART)  # two ready; the third was never queued (past depth)
+    assert got[2] is None and len(calls) == 3, "a call ahead expanded matrices"
+    torch.testing.assert_close(torch.stack(got[:2]), expand(later[:2], PART))
+    assert ahead.take_ready(later[:2], PART) == [None, None] and ahead.hits == 2  # popped: handed out once
+
+
 def test_tenants_queue_nothing_and_depth_zero_never_expands_ahead():
     ahead = MaterialAhead(expand, depth=4)
     tenant = T.tenant_key_id("tenant-a")
@@ -100,6 +118,9 @@ def test_enclave_answers_matrices_not_seeds(per_request_enclave):
     actor.request_material([ids.next()], [0, 1], [0, 1], 8, torch.bfloat16)
     info = actor.info()
     assert info["request_seeds"] == 3 and info["ahead"]["hits"] == 1 and info["ahead"]["error"] is None
+    unmade = T.tenant_key_id("tenant-b")  # no thread makes a tenant's ahead
+    assert actor.request_material([unmade], [0, 1], [0, 1], 8, torch.bfloat16, ready_only=True) == [None]
+    assert actor.info()["request_seeds"] == 3
     sent = pickle.dumps(bits) + pickle.dumps(info) + repr(info).encode()
     secrets = [KEY, KEY.hex().encode()] + [T.request_seed(KEY, k) for k in key_ids]
     assert not any(s in sent for s in secrets), "a key or seed left the enclave"

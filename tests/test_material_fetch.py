@@ -17,23 +17,28 @@ def expand(ids):
 
 
 class Enclave:
-    """Records each call; answers arrive when `arrive` says so; `fail` makes every answer a ShieldError."""
+    """Records each call; answers arrive when `arrive` says so; `fail` makes every answer a ShieldError; ids in
+    `not_ready` are not expanded yet (a ready-only call answers None for them)."""
 
     def __init__(self, arrive: bool = True):
         self.asked: list[list[str]] = []
-        self.arrive, self.fail = arrive, False
+        self.ready_only: list[bool] = []
+        self.arrive, self.fail, self.not_ready = arrive, False, set()
 
     def fetch(self, depth: int) -> MaterialFetch:
         return MaterialFetch(ask=self.ask, ready=lambda ref: self.arrive, answer=self.answer, depth=depth)
 
-    def ask(self, ids):
+    def ask(self, ids, ready_only):
         self.asked.append(list(ids))
-        return list(ids)
+        self.ready_only.append(ready_only)
+        return list(ids), ready_only
 
-    def answer(self, ids):
+    def answer(self, call):
+        ids, ready_only = call
         if self.fail:
             raise ShieldError("kvshield: the enclave actor is gone (test); mode per-request cannot key new requests")
-        return list(expand(ids))  # one tensor per key id, as the enclave's answer
+        mats = list(expand(ids))  # one tensor per key id, as the enclave's answer
+        return [None if ready_only and k in self.not_ready else m for k, m in zip(ids, mats)]
 
 
 def test_matrices_fetched_ahead_are_the_enclaves_for_those_ids():
@@ -42,6 +47,7 @@ def test_matrices_fetched_ahead_are_the_enclaves_for_those_ids():
     fetch = enclave.fetch(depth=4)
     torch.testing.assert_close(torch.stack(fetch([first])), expand([first]))
     assert enclave.asked == [[first], later[:4]]  # the next four asked for at once, without waiting
+    assert enclave.ready_only == [False, True]  # the call ahead takes only what the enclave has ready
     got = fetch(later[:2] + [T.tenant_key_id("a")])  # two held, the tenant's fetched now
     torch.testing.assert_close(torch.stack(got), expand(later[:2] + [T.tenant_key_id("a")]))
     assert fetch.hits == 2 and enclave.asked[2] == [T.tenant_key_id("a")]
@@ -94,7 +100,26 @@ def test_a_failing_enclave_refuses_the_request_even_with_a_call_ahead_pending():
 
 def test_an_answer_of_the_wrong_length_is_refused():
     enclave, ids = Enclave(), T.FreshKeyIds()
-    enclave.answer = lambda asked: list(expand(asked))[:-1]
+    enclave.answer = lambda call: list(expand(call[0]))[:-1]
     fetch = enclave.fetch(depth=0)
     with pytest.raises(ShieldError, match="answered 1 requests' matrices for 2 key ids"):
         fetch([ids.next(), ids.next()])
+
+
+def test_an_answer_missing_a_requests_matrices_is_refused():
+    enclave, ids = Enclave(), T.FreshKeyIds()
+    enclave.answer = lambda call: [None] + list(expand(call[0]))[1:]  # None is a call ahead's answer only
+    with pytest.raises(ShieldError, match="answered 1 requests' matrices for 2 key ids"):
+        enclave.fetch(depth=0)([ids.next(), ids.next()])
+
+
+def test_ids_not_ready_when_asked_ahead_are_fetched_on_arrival():
+    enclave, ids = Enclave(), T.FreshKeyIds()
+    first, *later = [ids.next() for _ in range(5)]
+    enclave.not_ready = {later[2], later[3]}
+    fetch = enclave.fetch(depth=4)
+    fetch([first])
+    got = fetch(later[:3])  # two held; the third was not ready: asked for now, expanded in full
+    torch.testing.assert_close(torch.stack(got), expand(later[:3]))
+    assert fetch.hits == 2 and enclave.asked[2] == [later[2]] and enclave.ready_only[2] is False
+    assert later[3] not in fetch._held

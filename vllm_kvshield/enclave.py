@@ -75,9 +75,12 @@ class Enclave:
         self._bytes += sum(t.numel() * t.element_size() for t in tensors.values())
         return out, material
 
-    def request_material(self, key_ids: list[str], layers: list[int], kv_heads: list[int], head_dim: int, dtype: torch.dtype):
+    def request_material(self, key_ids: list[str], layers: list[int], kv_heads: list[int], head_dim: int, dtype: torch.dtype,
+                         ready_only: bool = False):
         """Mode per-request: each key id's (a request's, or a tenant's) runtime matrices [L, 4, H, d, d] for one
-        worker's layers and KV heads, in its dtype (transforms.request_material), as a list of material_bits."""
+        worker's layers and KV heads, in its dtype (transforms.request_material), as a list of material_bits.
+        ready_only (a worker's call ahead): only matrices already expanded, None for the others; nothing is
+        expanded on such a call."""
         if self._mode != "per-request":
             raise ShieldError(f"kvshield: request matrices exist only in mode per-request; this enclave runs {self._mode!r}")
         bad = [k for k in key_ids if not transforms.is_key_id(k)]
@@ -85,8 +88,9 @@ class Enclave:
             raise ShieldError(f"kvshield: malformed key id(s) {bad!r}; a key id is {transforms.KEY_ID_CHARS} characters: "
                               f"{transforms.TENANT!r} or {transforms.FRESH!r}, then hex digits")
         part = (tuple(int(i) for i in layers), tuple(int(h) for h in kv_heads), int(head_dim), dtype)
-        self._request_seeds += len(key_ids)
-        return [material_bits(m) for m in self._ahead.take(list(key_ids), part)]
+        mats = self._ahead.take_ready(list(key_ids), part) if ready_only else self._ahead.take(list(key_ids), part)
+        self._request_seeds += sum(m is not None for m in mats)
+        return [None if m is None else material_bits(m) for m in mats]
 
     def _expand(self, key_ids: list[str], part) -> torch.Tensor:
         layers, kv_heads, head_dim, dtype = part
@@ -146,9 +150,9 @@ _NO_KEYS = "mode per-request cannot key new requests; refusing to serve them"
 def material_fetch(handle, layers: list[int], kv_heads: list[int], head_dim: int, dtype: torch.dtype, depth: int) -> MaterialFetch:
     """A worker's request_material with the next fresh key ids' matrices asked for ahead (material_fetch.py)."""
     return MaterialFetch(
-        ask=lambda key_ids: handle.request_material.remote(key_ids, layers, kv_heads, head_dim, dtype),
+        ask=lambda key_ids, ready_only: handle.request_material.remote(key_ids, layers, kv_heads, head_dim, dtype, ready_only),
         ready=lambda ref: bool(ray.wait([ref], timeout=0)[0]),
-        answer=lambda ref: [material_tensor(b, dtype) for b in answer(ref, "request_material", refusing=_NO_KEYS)],
+        answer=lambda ref: [None if b is None else material_tensor(b, dtype) for b in answer(ref, "request_material", refusing=_NO_KEYS)],
         depth=depth,
     )
 

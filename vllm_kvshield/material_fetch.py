@@ -5,13 +5,15 @@ worker waits one enclave round trip (2.8 MiB per SmolLM2 request through Ray: 6-
 while serving, the enclave's process sharing a core with vLLM's engine core and API server), and so
 does every request in the batch. Fresh key ids are counted (transforms.FreshKeyIds), so once a
 request with id c arrives the worker asks, without waiting, for c+1 ... c+depth (one call in flight)
-and keeps the answer; the next requests find their matrices here. Any other id (a tenant's, one that
-comes back after preemption, one past the window) is fetched when it arrives: fetching ahead changes
-when, never what.
+and keeps the answer; the next requests find their matrices here. That call takes only matrices the
+enclave has already expanded (material_ahead.py): one that expanded the rest could hold the next step up to
+the last of them (in a burst, 32 expansions where the step needed its own few). Any other id (a tenant's, one
+not ready when asked ahead, one that comes back after preemption, one past the window) is fetched when it
+arrives: fetching ahead changes when, never what.
 
-    fetch = MaterialFetch(ask=lambda ids: handle.request_material.remote(ids, ...), ready=is_done,
-                          answer=lambda ref: [tensor_of(a) for a in ray.get(ref)], depth=32)
-    mats = fetch(["f...0007"])   # N x [L, 4, H, d, d]; asks for f...0008 .. f...0027 meanwhile
+    fetch = MaterialFetch(ask=lambda ids, ready_only: handle.request_material.remote(ids, ..., ready_only),
+                          ready=is_done, answer=lambda ref: [tensor_of(a) for a in ray.get(ref)], depth=32)
+    mats = fetch(["f...0007"])   # N x [L, 4, H, d, d]; asks for the ready ones of f...0008 .. f...0027 meanwhile
 
 The price: a worker holds up to `depth` requests' matrices before those requests exist (README,
 "Where the key material lives").
@@ -31,11 +33,12 @@ Pending = Any  # an answer on its way (a Ray ObjectRef)
 class MaterialFetch:
     """Key ids -> their matrices, N x [L, 4, H, d, d], the next fresh ids' asked for ahead."""
 
-    def __init__(self, ask: Callable[[list[str]], Pending], ready: Callable[[Pending], bool],
-                 answer: Callable[[Pending], Sequence[torch.Tensor]], depth: int):
-        self._ask = ask  # key ids -> a pending answer
+    def __init__(self, ask: Callable[[list[str], bool], Pending], ready: Callable[[Pending], bool],
+                 answer: Callable[[Pending], Sequence[torch.Tensor | None]], depth: int):
+        self._ask = ask  # key ids, ready only -> a pending answer
         self._ready = ready  # pending answer -> has it arrived (never waits)
-        self._answer = answer  # pending answer -> N x [L, 4, H, d, d] (waits; ShieldError if the enclave failed)
+        self._answer = answer  # pending answer -> N x [L, 4, H, d, d] or None (not ready; only for a ready-only call)
+        #                        (waits; ShieldError if the enclave failed)
         self.depth = depth
         self._held: dict[str, torch.Tensor] = {}  # key id -> its matrices [L, 4, H, d, d], fetched ahead
         self._pending: tuple[list[str], Pending] | None = None  # the call in flight: its key ids, its answer
@@ -51,7 +54,7 @@ class MaterialFetch:
         self.hits += len(found)
         missing = [k for k in key_ids if k not in found]
         if missing:
-            found.update(self._take(missing, self._ask(missing)))
+            found.update(self._take(missing, self._ask(missing, False)))
         self._ask_ahead(key_ids)
         return [found[k] for k in key_ids]
 
@@ -59,16 +62,18 @@ class MaterialFetch:
         key_ids, pending = self._pending
         self._pending = None
         try:
-            self._held.update(self._take(key_ids, pending))
+            self._held.update(self._take(key_ids, pending, ready_only=True))
         except ShieldError as e:  # these requests are asked for again when they arrive, and fail closed then
             self.error = str(e)
 
-    def _take(self, key_ids: list[str], pending: Pending) -> dict[str, torch.Tensor]:
-        """Key id -> its matrices from an answer asked for those key ids, in their order (waits for it)."""
+    def _take(self, key_ids: list[str], pending: Pending, ready_only: bool = False) -> dict[str, torch.Tensor]:
+        """Key id -> its matrices from an answer asked for those key ids, in their order (waits for it); a ready-only
+        answer's None (not expanded yet) are left out."""
         mats = self._answer(pending)
-        if len(mats) != len(key_ids):
-            raise ShieldError(f"kvshield: the enclave answered {len(mats)} requests' matrices for {len(key_ids)} key ids")
-        return dict(zip(key_ids, mats))
+        if len(mats) != len(key_ids) or (not ready_only and any(m is None for m in mats)):
+            got = sum(m is not None for m in mats)
+            raise ShieldError(f"kvshield: the enclave answered {got} requests' matrices for {len(key_ids)} key ids")
+        return {k: m for k, m in zip(key_ids, mats) if m is not None}
 
     def _ask_ahead(self, key_ids: list[str]) -> None:
         """Ask for the `depth` fresh ids after the newest one here, once half of them are missing."""
@@ -83,7 +88,7 @@ class MaterialFetch:
             return
         wanted = [k for k in following_key_ids(newest, self.depth) if k not in self._held]
         if len(wanted) >= max(1, self.depth // 2):
-            self._pending = (wanted, self._ask(wanted))
+            self._pending = (wanted, self._ask(wanted, True))
 
     def counts(self) -> dict:
         """Requests served from matrices fetched ahead, matrices held for requests not yet here, the last failure."""
