@@ -46,7 +46,7 @@ class EnclaveFacts:
     status: ShieldStatus  # mode, key fingerprint, distinct layers transformed (a layer served to several workers counts once)
     bytes_transformed: int  # checkpoint bytes sent through the enclave
     transform_seconds: tuple[float, ...]  # one entry per transform call
-    request_seeds: int  # mode per-request: request seeds derived (one per request a worker asked matrices for)
+    request_seeds: int  # mode per-request: request seeds derived (one per request whose matrices went to a worker)
     requests_ready_ahead: int  # of those, requests whose matrices the enclave had expanded before they came
 
     @classmethod
@@ -186,7 +186,7 @@ class ShieldCollector(Collector):
         if facts.status.mode == "per-request":
             seeds = CounterMetricFamily(
                 "kvshield_request_keys",
-                "Request seeds the enclave derived (mode per-request): one per request a worker asked matrices for, on its arrival or fetched ahead of it",
+                "Request seeds the enclave derived (mode per-request): one per request whose matrices it handed to a worker, on its arrival or fetched ahead of it",
             )
             seeds.add_metric([], float(facts.request_seeds))
             yield seeds
