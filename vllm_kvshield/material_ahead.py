@@ -71,8 +71,8 @@ class MaterialAhead:
     def take_ready(self, key_ids: list[str], part: Hashable) -> list[torch.Tensor | None]:
         """Each key id's [L, 4, H, d, d] if it is ready (popped), else None (still wanted): never expands, never waits.
 
-        What a worker's call ahead asks for: a call that expanded what was not ready held the worker's next step
-        up to the last of its ids (32 expansions, ~1.3 s here) where that step needed only its own few."""
+        What a worker's call ahead asks for: a call that expanded what was not ready could hold the worker's next
+        step up to the last of its ids (up to fetch_ahead expansions of ~40 ms each) where that step needed its own few."""
         with self._cond:
             ready = self._ready.setdefault(part, OrderedDict())
             found = [ready.pop(k, None) for k in key_ids]
