@@ -52,18 +52,23 @@ def test_a_call_ahead_takes_only_ready_matrices_and_expands_nothing():
     calls = []
 
     def counted(ids, part):
-        calls.append(list(ids))
+        if threading.current_thread().name != "kvshield-material-ahead":
+            calls.append(list(ids))  # expanded by the caller, not by the thread ahead
         return expand(ids, part)
 
     ids = T.FreshKeyIds()
-    first, *later = [ids.next() for _ in range(5)]
+    first, *later = [ids.next() for _ in range(6)]
     ahead = MaterialAhead(counted, depth=2)
     ahead.take([first], PART)
     wait_for(lambda: ahead.made == 2)
     got = ahead.take_ready(later[:3], PART)  # two ready; the third was never queued (past depth)
-    assert got[2] is None and len(calls) == 3, "a call ahead expanded matrices"
+    assert got[2] is None and calls == [[first]], "a call ahead expanded matrices"
     torch.testing.assert_close(torch.stack(got[:2]), expand(later[:2], PART))
+    # the thread goes on past what was taken (else it would stop once a worker's calls ahead had taken its depth)
+    wait_for(lambda: ahead.made == 4)
     assert ahead.take_ready(later[:2], PART) == [None, None] and ahead.hits == 2  # popped: handed out once
+    torch.testing.assert_close(torch.stack(ahead.take_ready(later[2:4], PART)), expand(later[2:4], PART))
+    assert ahead.hits == 4 and calls == [[first]]
 
 
 def test_tenants_queue_nothing_and_depth_zero_never_expands_ahead():

@@ -10,7 +10,7 @@ is expanded at once, to the same numbers: readiness changes when, never what.
 
     ahead = MaterialAhead(expand=lambda ids, part: ..., depth=64)
     mats = ahead.take(["f...0007", "t..."], part)   # N x [L, 4, H, d, d]; queues f...0008 .. f...0047
-    some = ahead.take_ready(["f...0008", "f...0009"], part)   # ready ones popped, None for the others
+    some = ahead.take_ready(["f...0008", "f...0009"], part)   # ready ones popped, None for the others; queues to f...0049
 
 `part` names what one worker holds (its layers, KV heads, head dim, dtype): each worker slice
 keeps its own queue. At most `depth` expanded requests wait per slice (the oldest go first).
@@ -69,7 +69,8 @@ class MaterialAhead:
         return [found[k] for k in key_ids]
 
     def take_ready(self, key_ids: list[str], part: Hashable) -> list[torch.Tensor | None]:
-        """Each key id's [L, 4, H, d, d] if it is ready (popped), else None (still wanted): never expands, never waits.
+        """Each key id's [L, 4, H, d, d] if it is ready (popped), else None (still wanted): never expands, never waits;
+        then the ids after the newest one taken are queued, as take() queues them.
 
         What a worker's call ahead asks for: a call that expanded what was not ready could hold the worker's next
         step up to the last of its ids (up to fetch_ahead expansions of ~40 ms each) where that step needed its own few."""
@@ -77,6 +78,8 @@ class MaterialAhead:
             ready = self._ready.setdefault(part, OrderedDict())
             found = [ready.pop(k, None) for k in key_ids]
             self.hits += sum(m is not None for m in found)
+        if self.depth:  # keep `depth` ready past what the worker now holds, or the thread would stop once these were taken
+            self._queue([k for k, m in zip(key_ids, found) if m is not None], part)
         return found
 
     def _queue(self, key_ids: list[str], part: Hashable) -> None:
