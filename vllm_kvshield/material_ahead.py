@@ -1,7 +1,7 @@
 """Mode per-request, inside the enclave: the matrices of the next fresh key ids, expanded before their requests arrive.
 
-Expanding one request's matrices (transforms.request_material: 4 QRs per layer and KV head)
-costs tens of milliseconds of CPU; done when the request enters a worker's batch, it delays that
+Expanding one request's matrices (transforms.request_material: 4 Haar-orthogonal matrices per layer and KV
+head) costs tens of milliseconds of CPU; done when the request enters a worker's batch, it delays that
 step for every request in it. Fresh key ids are counted (transforms.FreshKeyIds), so once the
 enclave has served id c it knows the ids c+1, c+2, ... its engine will hand out next, and a
 background thread expands them on the enclave's own CPU. A request then finds its matrices
@@ -73,7 +73,7 @@ class MaterialAhead:
         then the ids after the newest one taken are queued, as take() queues them.
 
         What a worker's call ahead asks for: a call that expanded what was not ready could hold the worker's next
-        step up to the last of its ids (up to fetch_ahead expansions of ~40 ms each) where that step needed its own few."""
+        step up to the last of its ids (up to fetch_ahead expansions of tens of ms each) where that step needed its own few."""
         with self._cond:
             ready = self._ready.setdefault(part, OrderedDict())
             found = [ready.pop(k, None) for k in key_ids]
