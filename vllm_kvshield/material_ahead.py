@@ -64,8 +64,7 @@ class MaterialAhead:
         missing = [k for k in key_ids if k not in found]
         if missing:
             found.update(zip(missing, self._expand(missing, part).unbind(0)))
-        if self.depth:
-            self._queue(key_ids, part)
+        self._queue(key_ids, part)
         return [found[k] for k in key_ids]
 
     def take_ready(self, key_ids: list[str], part: Hashable) -> list[torch.Tensor | None]:
@@ -78,14 +77,14 @@ class MaterialAhead:
             ready = self._ready.setdefault(part, OrderedDict())
             found = [ready.pop(k, None) for k in key_ids]
             self.hits += sum(m is not None for m in found)
-        if self.depth:  # keep `depth` ready past what the worker now holds, or the thread would stop once these were taken
-            self._queue([k for k, m in zip(key_ids, found) if m is not None], part)
+        # keep `depth` ready past what the worker now holds, or the thread would stop once these were taken
+        self._queue([k for k, m in zip(key_ids, found) if m is not None], part)
         return found
 
     def _queue(self, key_ids: list[str], part: Hashable) -> None:
         """Want the `depth` ids after the newest fresh one served (those ready or being made stay as they are)."""
         fresh = [k for k in key_ids if fresh_engine(k)]
-        if not fresh:
+        if not fresh or not self.depth:
             return
         newest = max(fresh)  # one engine's ids sort by their counter
         with self._cond:
