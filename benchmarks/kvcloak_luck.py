@@ -1,10 +1,11 @@
 """Attack 5 (KV-Cloak's inversion) on the tests' three prompts under many keys, simulated: how often luck passes 1%.
 
 The claims test (tests/attack/test_attack_claims.py) observes one engine per mode, so one key per run; this
-replays its three prompts over N keys with tests/attack/per_request_sim.py (mix: a static key per run;
+replays its three prompts over N keys with tests/attack/per_request_sim.py (mix, mix-v: a static key per run;
 per-request: a fresh dense map per request and rows shuffled in blocks) and prints each key's mean recovery.
 
-    .venv/bin/python benchmarks/kvcloak_luck.py 30     # ~2.5 min: mix 0.17% mean, 1 key of 30 above 1% (2.3%)
+    .venv/bin/python benchmarks/kvcloak_luck.py 30             # ~2.5 min a mode: mix 0.17% mean, 1 key of 30 above 1% (2.3%)
+    .venv/bin/python benchmarks/kvcloak_luck.py 30 mix-v       # the modes to simulate, comma-separated
 """
 
 import os
@@ -25,17 +26,20 @@ from per_request_sim import simulate_per_request, simulate_static  # noqa: E402 
 from test_attack_claims import PROMPTS  # noqa: E402
 
 
-def main(n: int) -> None:
+STATIC = ("permute", "mix-v", "mix")
+
+
+def main(n: int, modes: list[str]) -> None:
     public = PublicModel.load(str(model_path()))
     victims = single_requests(public.tokenizer, PROMPTS)
     attack = KVCloakInversion(public)
-    for mode in ("mix", "per-request"):
+    for mode in modes:
         rates, t = [], time.time()
         for i in range(n):
             got = []
             for r in victims:
-                if mode == "mix":
-                    obs = simulate_static(public, r.tokens, "mix", key=i.to_bytes(32, "little"))
+                if mode in STATIC:
+                    obs = simulate_static(public, r.tokens, mode, key=i.to_bytes(32, "little"))
                 else:
                     obs = simulate_per_request(public, r.tokens, torch.Generator().manual_seed(1000 * i + len(got)))
                 got.append(recovery_rate(attack.recover(obs), r.tokens, r.private))
@@ -46,4 +50,4 @@ def main(n: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 30)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 30, (sys.argv[2] if len(sys.argv) > 2 else "mix,per-request").split(","))
