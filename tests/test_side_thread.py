@@ -1,6 +1,6 @@
 """The side thread that moves a step's rows beside the model: calls run in order before wait() returns, a failure
-reaches the model's thread at its wait() (the step fails, nothing after it runs), and a thread started from a
-pinned thread runs on the other cores."""
+reaches the model's thread at its wait() (the step fails, nothing after it runs), the thread runs at nice 19 (below
+vLLM's engine core) and a thread started from a pinned thread runs on the other cores."""
 
 import os
 import threading
@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from vllm_kvshield import ray_session
-from vllm_kvshield.side_thread import SideThread, last_level_cache_bytes
+from vllm_kvshield.side_thread import NICE, SideThread, last_level_cache_bytes
 
 
 def test_calls_run_in_order_before_wait_returns():
@@ -37,6 +37,17 @@ def test_a_failure_reaches_wait_and_skips_what_was_queued_after_it():
     side.submit(seen.append, 2)  # the next step starts clean
     side.wait()
     assert seen == [0, 2]
+
+
+def test_it_runs_below_the_engine_core_and_leaves_its_starter_alone():
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    side = SideThread()
+    assert os.getpriority(os.PRIO_PROCESS, side.native_id) == NICE
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    seen = []
+    side.submit(lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+    side.wait()
+    assert seen == [NICE]
 
 
 def test_started_from_a_pinned_thread_it_runs_on_the_other_cores():
