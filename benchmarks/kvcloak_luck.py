@@ -26,9 +26,6 @@ from per_request_sim import simulate_per_request, simulate_static  # noqa: E402 
 from test_attack_claims import PROMPTS  # noqa: E402
 
 
-STATIC = ("permute", "mix-v", "mix")
-
-
 def main(n: int, modes: list[str]) -> None:
     public = PublicModel.load(str(model_path()))
     victims = single_requests(public.tokenizer, PROMPTS)
@@ -38,10 +35,10 @@ def main(n: int, modes: list[str]) -> None:
         for i in range(n):
             got = []
             for r in victims:
-                if mode in STATIC:
-                    obs = simulate_static(public, r.tokens, mode, key=i.to_bytes(32, "little"))
-                else:
+                if mode == "per-request":
                     obs = simulate_per_request(public, r.tokens, torch.Generator().manual_seed(1000 * i + len(got)))
+                else:
+                    obs = simulate_static(public, r.tokens, mode, key=i.to_bytes(32, "little"))
                 got.append(recovery_rate(attack.recover(obs), r.tokens, r.private))
             rates.append(sum(got) / len(got))
             print(mode, i, round(rates[-1], 4), flush=True)

@@ -46,11 +46,13 @@ class SideThread:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
         self.calls = 0  # calls run (failed ones not counted)
-        self.native_id: int | None = None  # the thread's id for the kernel, once it runs
-        self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvshield-shuffle", daemon=True)
-        self._thread.start()
-        self._started.wait()
+        self._thread.start()  # returns once the thread runs: its native_id is set
+        self.native_id = self._thread.native_id  # the thread's id for the kernel
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.native_id, NICE)  # that thread only (Linux: a thread id is a pid)
+        except OSError:  # a sandbox that forbids it: the moves still run, at the starter's priority
+            pass
 
     @classmethod
     def off_compute_cores(cls) -> "SideThread | None":
@@ -76,12 +78,6 @@ class SideThread:
             raise error
 
     def _run(self) -> None:
-        self.native_id = threading.get_native_id()
-        try:
-            os.setpriority(os.PRIO_PROCESS, self.native_id, NICE)  # this thread only (Linux: a thread id is a pid)
-        except OSError:  # a sandbox that forbids it: the moves still run, at the starter's priority
-            pass
-        self._started.set()
         while True:
             fn, args = self._calls.get()
             if fn is None:  # a wait(): args is its Event
